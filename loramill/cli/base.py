@@ -1,0 +1,38 @@
+"""`loramill base create`."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(main: click.Group) -> None:
+    main.add_command(base)
+
+
+@click.group()
+def base() -> None:
+    """Make small base models for tests and demos."""
+
+
+@base.command("create")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--arch", type=click.Choice(["llama", "gpt2"]), default="llama", show_default=True)
+@click.option("--tie-embeddings/--no-tie-embeddings", default=False, show_default=True)
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--hidden", type=int, default=128, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--kv-heads", type=int, default=2, show_default=True, help="llama only")
+@click.option("--intermediate", type=int, default=352, show_default=True)
+@click.option("--vocab", type=int, default=320, show_default=True)
+@click.option("--max-positions", type=int, default=512, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def create(out: str, arch: str, tie_embeddings: bool, **shape) -> None:
+    """Write a random-initialised causal LM with a byte-level tokenizer to OUT."""
+    from adapters.basemodel import BaseModelSpec, create_base_model
+
+    if arch == "gpt2":
+        shape["kv_heads"] = shape["heads"]
+    spec = BaseModelSpec(arch=arch, tie_embeddings=tie_embeddings, **shape)
+    path = create_base_model(out, spec)
+    click.echo(f"created {arch} base model ({'tied' if tie_embeddings else 'untied'} head) at {path}")
