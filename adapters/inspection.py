@@ -311,7 +311,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
 
 def _natural_key(name: str) -> list:
     """Sort `layers.2` before `layers.10`."""
-    return [int(part) if part.isdigit() else part for part in name.split(".")]
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split(".")]
 
 
 def _head_tied(config: dict, convention: Convention | None, has_head: bool) -> tuple[bool, str]:
