@@ -1,0 +1,1 @@
+"""The loramill control plane: a FastAPI app over a job store, an artifact store and Celery."""

@@ -1,0 +1,38 @@
+"""`create_app(settings)`: the FastAPI control plane.
+
+`uvicorn --factory service.app:create_app` builds it from the process's settings. It migrates the
+job store to the newest schema, opens the artifact store and the broker connection, and mounts
+one router per resource.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from loramill.settings import Settings, get_settings
+from service.artifacts import LocalArtifactStore
+from service.db import database, migrate
+from service.deps import Services
+from service.errors import install_handlers
+from service.metrics import metrics_registry, timing_middleware
+from service.queue import JobQueue
+from service.routers import adapters, files, fine_tuning, health, merges, models
+
+
+def build_services(settings: Settings) -> Services:
+    url = settings.resolved_database_url
+    migrate(url)
+    return Services(settings=settings, db=database(url), artifacts=LocalArtifactStore(settings.resolved_artifacts_dir),
+                    queue=JobQueue(settings))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(title="loramill", version="0.1.0")
+    app.state.services = build_services(settings)
+    app.state.metrics_registry, http = metrics_registry(app.state.services)
+    app.middleware("http")(timing_middleware(http))
+    install_handlers(app)
+    for module in (files, fine_tuning, adapters, merges, models, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,79 @@
+"""Typed FastAPI dependencies: the app's services, a database session, the calling tenant, the admin.
+
+Use them as annotations: `def route(session: SessionDep, tenant: TenantDep) -> ...`.
+Authentication is `Authorization: Bearer <key>`; a missing or unknown key answers 401.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from loramill.settings import Settings
+from service.artifacts import ArtifactStore
+from service.auth import is_admin_key, tenant_for_key
+from service.db import Database
+from service.errors import APIError
+from service.queue import JobQueue
+from service.tables import Tenant
+
+
+@dataclass(frozen=True)
+class Services:
+    """Everything a request may use, built once by `create_app`."""
+
+    settings: Settings
+    db: Database
+    artifacts: ArtifactStore
+    queue: JobQueue
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    with services.db.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def bearer_key(authorization: Annotated[str | None, Header()] = None) -> str:
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
+                       type="invalid_request_error")
+    return key.strip()
+
+
+BearerDep = Annotated[str, Depends(bearer_key)]
+
+
+def current_tenant(key: BearerDep, session: SessionDep) -> Tenant:
+    tenant = tenant_for_key(session, key)
+    if tenant is None:
+        raise APIError(401, "Incorrect API key provided", code="invalid_api_key", type="invalid_request_error")
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def require_admin(key: BearerDep, services: ServicesDep) -> None:
+    if not services.settings.admin_key:
+        raise APIError(403, "Model registration over HTTP is disabled: no LORAMILL_ADMIN_KEY is configured",
+                       code="admin_disabled")
+    if not is_admin_key(key, services.settings.admin_key):
+        raise APIError(401, "Incorrect admin key provided", code="invalid_api_key", type="invalid_request_error")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

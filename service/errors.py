@@ -1,0 +1,68 @@
+"""Every 4xx answer in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+`APIError` is raised by routers and dependencies; the handlers installed by `install_handlers`
+also translate `InputError` (400), FastAPI's request validation errors (400, `param` = the
+offending field's dotted path) and Starlette's own 404/405 into the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapters.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+          409: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+          503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):  # noqa: A002 — OpenAI's field name
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def not_found(kind: str, id: str, param: str = "id") -> APIError:  # noqa: A002
+    return APIError(404, f"No such {kind}: {id}", param=param, code="not_found")
+
+
+def error_body(message: str, type: str, param: str | None, code: str | None) -> dict:  # noqa: A002
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _respond(status: int, message: str, type: str, param: str | None, code: str | None, headers=None) -> JSONResponse:  # noqa: A002
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_req: Request, exc: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _respond(exc.status, exc.message, exc.type, exc.param, exc.code, headers)
+
+    @app.exception_handler(InputError)
+    async def _input_error(_req: Request, exc: InputError):
+        return _respond(400, str(exc), "invalid_request_error", exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        return _respond(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _respond(exc.status_code, str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error"), None, code,
+                        getattr(exc, "headers", None))

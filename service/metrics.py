@@ -1,0 +1,80 @@
+"""Prometheus metrics: HTTP latencies (observed in-process) and job state read from the job store
+at scrape time, so every API replica reports the same numbers whatever process ran the job.
+
+- `loramill_http_request_duration_seconds{method,route,status}` histogram
+- `loramill_jobs{kind,status}` gauge: fine-tuning jobs and merges by status
+- `loramill_queue_depth{queue}` gauge: messages waiting in the broker
+- `loramill_job_duration_seconds{kind,status}` histogram of finished jobs' run time (start → finish)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import case, func, select
+
+from service.store import FINISHED, active_counts
+from service.tables import JobRow, MergeRow
+
+log = logging.getLogger(__name__)
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)
+
+
+class JobCollector:
+    def __init__(self, services):
+        self.services = services
+
+    def collect(self):
+        jobs = GaugeMetricFamily("loramill_jobs", "Jobs by kind and status", labels=["kind", "status"])
+        durations = HistogramMetricFamily("loramill_job_duration_seconds", "Run time of finished jobs",
+                                          labels=["kind", "status"])
+        depth = GaugeMetricFamily("loramill_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
+        try:
+            with self.services.db.sessions() as session:
+                for (kind, status), n in sorted(active_counts(session).items()):
+                    jobs.add_metric([kind, status], n)
+                for kind, table in (("fine_tuning", JobRow), ("merge", MergeRow)):
+                    for status, buckets, total, count in _durations(session, table):
+                        durations.add_metric([kind, status], buckets, total)
+        except Exception:  # noqa: BLE001 — a scrape must not fail because the database blinked
+            log.exception("metrics: job store unavailable")
+        try:
+            for queue, n in self.services.queue.depths().items():
+                depth.add_metric([queue], n)
+        except Exception:  # noqa: BLE001
+            log.exception("metrics: broker unavailable")
+        yield from (jobs, durations, depth)
+
+
+def _durations(session, table):
+    run = table.finished_at - table.started_at
+    columns = [func.sum(case((run <= b, 1), else_=0)) for b in DURATION_BUCKETS]
+    query = (select(table.status, func.coalesce(func.sum(run), 0), func.count(), *columns)
+             .where(table.status.in_(FINISHED), table.started_at.is_not(None)).group_by(table.status))
+    for status, total, count, *cumulative in session.execute(query):
+        buckets = [(str(b), int(c or 0)) for b, c in zip(DURATION_BUCKETS, cumulative)] + [("+Inf", count)]
+        yield status, buckets, float(total), count
+
+
+def metrics_registry(services) -> tuple[CollectorRegistry, Histogram]:
+    registry = CollectorRegistry()
+    registry.register(JobCollector(services))
+    http = Histogram("loramill_http_request_duration_seconds", "HTTP request latency",
+                     ["method", "route", "status"], registry=registry,
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+    return registry, http
+
+
+def timing_middleware(http: Histogram):
+    async def middleware(request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
+            time.perf_counter() - start)
+        return response
+
+    return middleware

@@ -1,0 +1,131 @@
+"""`/v1/adapters`: the tenant's PEFT adapters, uploaded or produced by fine-tuning jobs.
+
+Upload: multipart with `base_model` (a registered model name), optional `name`, and the
+adapter's files as repeated `file` parts named `adapter_config.json` and
+`adapter_model.safetensors`. Pickled weights (`.bin`, `.pt`, …) and path-like names are refused;
+the adapter is validated against its base (`adapters.peft_format.validate_adapter`: every LoRA
+tensor's shape against the module it targets, target modules present, rank ≤ `max_rank`) in a
+temporary directory that becomes the stored adapter only when it passes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from adapters.errors import InputError
+from adapters.fsutil import atomic_directory
+from service.archive import tar_stream
+from service.artifacts import TooLarge
+from service.auth import check_name
+from service.deps import ServicesDep, SessionDep, TenantDep
+from service.errors import APIError
+from service.ids import new_id
+from service.objects import adapter_object, listing
+from service.store import FINISHED, base_model, get_owned, now, page
+from service.tables import AdapterRow, MergeRow
+from service.uploads import form_files, form_text, plain_filename, read_form, too_large
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@router.post("")
+async def upload_adapter(request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
+    limit = services.settings.max_upload_bytes
+    form = await read_form(request, limit, max_files=len(ADAPTER_FILES))
+    base = base_model(session, form_text(form, "base_model"), param="base_model")
+    name = form_text(form, "name", required=False)
+    uploads = {}
+    for upload in form_files(form, "file"):
+        filename = plain_filename(upload)
+        if filename.endswith(PICKLE_SUFFIXES):
+            raise APIError(400, f"{filename}: pickled weights are refused; upload adapter_model.safetensors",
+                           param="file", code="pickled_weights")
+        if filename not in ADAPTER_FILES:
+            raise APIError(400, f"{filename}: unexpected file; an adapter is {' + '.join(ADAPTER_FILES)}",
+                           param="file", code="invalid_filename")
+        uploads[filename] = upload
+    missing = [f for f in ADAPTER_FILES if f not in uploads]
+    if missing:
+        raise APIError(400, f"Missing adapter file {missing[0]}", param="file", code="missing_required_parameter")
+    if name is not None:
+        check_name(name, "adapter")
+    return await run_in_threadpool(_store, services, session, tenant.id, base, name, uploads)
+
+
+def _store(services, session, tenant_id: str, base, name: str | None, uploads) -> dict:
+    from adapters.peft_format import validate_adapter
+
+    adapter_id = new_id("adapter")
+    key = f"adapters/{tenant_id}/{adapter_id}"
+    target = services.artifacts.local_path(key)
+    limit = services.settings.max_upload_bytes
+    try:
+        with atomic_directory(target) as tmp:
+            size = 0
+            for filename, upload in uploads.items():
+                with open(tmp / filename, "wb") as out:
+                    while chunk := upload.file.read(1 << 20):
+                        size += len(chunk)
+                        if size > limit:
+                            raise TooLarge(limit)
+                        out.write(chunk)
+            validate_adapter(tmp, base.path, max_rank=services.settings.max_rank)
+            config = json.loads((tmp / "adapter_config.json").read_text())
+    except TooLarge:
+        raise too_large(limit) from None
+    except InputError as exc:
+        raise APIError(400, str(exc).replace(str(target.parent), "<adapter>"), param=exc.param or "file",
+                       code=exc.code or "invalid_adapter") from exc
+    targets = config.get("target_modules")
+    row = AdapterRow(id=adapter_id, tenant_id=tenant_id, name=name or adapter_id, base_model=base.name,
+                     rank=int(config.get("r", 0)), target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                     bytes=size, storage_key=key, created_at=now())
+    session.add(row)
+    try:
+        session.commit()
+    except BaseException:
+        services.artifacts.delete(key)
+        raise
+    return adapter_object(row)
+
+
+@router.get("")
+def list_adapters(session: SessionDep, tenant: TenantDep, after: str | None = None,
+                  limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+    scope = AdapterRow.tenant_id == tenant.id
+    rows, more = page(session, select(AdapterRow).where(scope), AdapterRow, after=after, limit=limit, scope=scope)
+    return listing([adapter_object(r) for r in rows], more)
+
+
+@router.get("/{adapter_id}")
+def retrieve_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict:
+    return adapter_object(get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id"))
+
+
+@router.get("/{adapter_id}/archive")
+def download_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
+    """The adapter directory as a tar (`<adapter_id>/adapter_config.json`, `…/adapter_model.safetensors`)."""
+    row = get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id")
+    root = services.artifacts.local_path(row.storage_key)
+    return StreamingResponse(tar_stream(root, row.id), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{row.id}.tar"'})
+
+
+@router.delete("/{adapter_id}")
+def delete_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
+    row = get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id")
+    for merge in session.scalars(select(MergeRow).where(MergeRow.tenant_id == tenant.id, MergeRow.status.not_in(FINISHED))):
+        if any(a["adapter_id"] == adapter_id for a in merge.request["adapters"]):
+            raise APIError(409, f"Adapter {adapter_id} is in use by merge {merge.id}", param="adapter_id", code="adapter_in_use")
+    session.delete(row)
+    session.commit()
+    services.artifacts.delete(row.storage_key)
+    return {"id": adapter_id, "object": "adapter", "deleted": True}

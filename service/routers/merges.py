@@ -1,0 +1,103 @@
+"""`/v1/merges`: merge adapters into a full Hugging Face checkpoint (runs on the `merge` queue).
+
+`adapters[].adapter` is an adapter id or a fine-tuned model name (`ft:…`). Finished merges list
+their files with sizes and sha256 (from the checkpoint's `loramill-manifest.json`); one file
+downloads with HTTP `Range` support and an `X-Content-Sha256` header, the whole checkpoint as a tar.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy import select
+
+from service.archive import tar_stream
+from service.deps import ServicesDep, SessionDep, TenantDep
+from service.errors import APIError
+from service.ids import new_id
+from service.objects import listing, merge_object
+from service.schemas import MergeCreate
+from service.store import adapter_by_ref, base_model, get_owned, move, now, page
+from service.tables import MergeRow
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/merges", tags=["merges"])
+SHA_HEADER = "X-Content-Sha256"
+
+
+@router.post("")
+def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
+    base = base_model(session, body.base_model, param="base_model")
+    if body.rank is not None and body.rank > services.settings.max_rank:
+        raise APIError(400, f"rank {body.rank} is above the maximum rank {services.settings.max_rank}", param="rank",
+                       code="rank_too_large")
+    refs = []
+    for i, item in enumerate(body.adapters):
+        adapter = adapter_by_ref(session, item.adapter, tenant.id, f"adapters.{i}.adapter")
+        if adapter.base_model != base.name:
+            raise APIError(400, f"adapters.{i}: adapter {adapter.id} was trained on {adapter.base_model!r}, not {base.name!r}",
+                           param=f"adapters.{i}.adapter", code="base_mismatch")
+        refs.append({"adapter": item.adapter, "adapter_id": adapter.id, "weight": float(item.weight)})
+    request = {**body.model_dump(exclude={"adapters", "base_model"}), "adapters": refs}
+    row = MergeRow(id=new_id("merge"), tenant_id=tenant.id, base_model=base.name, request=request, status="queued",
+                   files=[], created_at=now())
+    session.add(row)
+    session.commit()
+    try:
+        services.queue.enqueue_merge(row.id)
+    except Exception as exc:  # noqa: BLE001 — any broker failure: the merge cannot run
+        log.exception("enqueue of %s failed", row.id)
+        move(session, MergeRow, row.id, ("queued",), "failed",
+             error={"code": "broker_unavailable", "message": f"could not enqueue the merge: {exc}", "param": None})
+        session.commit()
+        raise APIError(503, "The job queue is unavailable; the merge was marked failed", code="broker_unavailable") from exc
+    return merge_object(row)
+
+
+@router.get("")
+def list_merges(session: SessionDep, tenant: TenantDep, after: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+    scope = MergeRow.tenant_id == tenant.id
+    rows, more = page(session, select(MergeRow).where(scope), MergeRow, after=after, limit=limit, scope=scope)
+    return listing([merge_object(r) for r in rows], more)
+
+
+@router.get("/{merge_id}")
+def retrieve_merge(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
+    return merge_object(get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id"))
+
+
+def _finished(session, merge_id: str, tenant_id: str) -> MergeRow:
+    row = get_owned(session, MergeRow, merge_id, tenant_id, "merge", "merge_id")
+    if row.status != "succeeded":
+        raise APIError(409, f"Merge {merge_id} is {row.status}; its files exist once it has succeeded", param="merge_id",
+                       code="merge_not_ready")
+    return row
+
+
+@router.get("/{merge_id}/files")
+def list_merge_files(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
+    row = _finished(session, merge_id, tenant.id)
+    return {"object": "list", "data": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in row.files]}
+
+
+@router.get("/{merge_id}/files/{name}")
+def download_merge_file(merge_id: str, name: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> FileResponse:
+    row = _finished(session, merge_id, tenant.id)
+    entry = next((f for f in row.files if f["name"] == name), None)
+    if entry is None:  # only manifest names are served: no path ever reaches the filesystem unchecked
+        raise APIError(404, f"Merge {merge_id} has no file {name!r}", param="name", code="not_found")
+    path = services.artifacts.local_path(row.storage_key) / entry["name"]
+    return FileResponse(path, media_type="application/octet-stream", filename=entry["name"],
+                        headers={SHA_HEADER: entry["sha256"]})
+
+
+@router.get("/{merge_id}/archive")
+def download_merge_archive(merge_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
+    row = _finished(session, merge_id, tenant.id)
+    root = services.artifacts.local_path(row.storage_key)
+    return StreamingResponse(tar_stream(root, row.id), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{row.id}.tar"'})

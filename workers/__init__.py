@@ -1,0 +1,1 @@
+"""Celery workers: a thin shell that runs `adapters/` training and `merge/` merges for queued jobs."""
