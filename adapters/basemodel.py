@@ -80,11 +80,11 @@ def _config(spec: BaseModelSpec, tok):
     )
 
 
-def create_base_model(out_dir: str | Path, spec: BaseModelSpec = BaseModelSpec()) -> Path:
+def create_base_model(out_dir: str | Path, spec: BaseModelSpec = BaseModelSpec(), *, overwrite: bool = False) -> Path:
     """Write a random-initialised model, its tokenizer and generation config to `out_dir`.
 
     Written into a temporary sibling directory and renamed, so a half-written model never
-    looks finished. Refuses an existing non-empty `out_dir`.
+    looks finished. Refuses an existing non-empty `out_dir` unless `overwrite`.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -93,7 +93,7 @@ def create_base_model(out_dir: str | Path, spec: BaseModelSpec = BaseModelSpec()
 
     spec.validate()
     out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         tok = save_byte_tokenizer(tmp, model_max_length=spec.max_positions)
         config = _config(spec, tok)
         torch.manual_seed(spec.seed)

@@ -27,12 +27,13 @@ def base() -> None:
 @click.option("--max-positions", type=int, default=512, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def create(out: str, arch: str, tie_embeddings: bool, **shape) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUT (only once the new model is complete).")
+def create(out: str, arch: str, tie_embeddings: bool, overwrite: bool, **shape) -> None:
     """Write a random-initialised causal LM with a byte-level tokenizer to OUT."""
     from adapters.basemodel import BaseModelSpec, create_base_model
 
     if arch == "gpt2":
         shape["kv_heads"] = shape["heads"]
     spec = BaseModelSpec(arch=arch, tie_embeddings=tie_embeddings, **shape)
-    path = create_base_model(out, spec)
+    path = create_base_model(out, spec, overwrite=overwrite)
     click.echo(f"created {arch} base model ({'tied' if tie_embeddings else 'untied'} head) at {path}")
