@@ -1,0 +1,270 @@
+"""PEFT LoRA adapter directories, read from their config and safetensors header (torch-free).
+
+PEFT's `save_pretrained` writes `adapter_config.json` and `adapter_model.safetensors`, whose
+tensors are named `base_model.model.<module>.<part>`:
+
+    <module>.lora_A.weight      [r, d_in]   <module>.lora_B.weight    [d_out, r]   nn.Linear / Conv1D
+    <module>.lora_embedding_A   [r, V]      <module>.lora_embedding_B [d, r]       nn.Embedding
+    <module>.base_layer.weight               PEFT's copy of a targeted embedding or head
+                                             (`save_embedding_layers`); shape-checked, never used
+    <module>.weight / .bias                  the trained copy of a `modules_to_save` module
+
+The delta a LoRA module adds is `ΔW = s · B A` with `s = alpha / r` (rsLoRA: `alpha / sqrt(r)`),
+`r` and `alpha` taken from `rank_pattern` / `alpha_pattern` when a pattern matches the module.
+A base tensor stores `ΔW` as is for `nn.Linear` ([d_out, d_in]) and transposed for GPT-2's
+`Conv1D` ([d_in, d_out]) and for embeddings ([V, d]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapters.checkpoint import PICKLE_SUFFIXES, TensorInfo, read_checkpoint, read_config, read_safetensors_header
+from adapters.errors import InputError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+# Architectures whose projections are transformers' `Conv1D` (weight stored [d_in, d_out]).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
+CONV1D_LEAVES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+# Input-embedding modules a tied `lm_head` may share its weight with.
+EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+HEAD_TENSOR = "lm_head.weight"
+
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "LoRA biases (lora_bias)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+    "target_parameters": "parameter targets (target_parameters)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA pair of an adapter. `kind` is "linear" (lora_A/lora_B) or "embedding"."""
+
+    module: str  # e.g. "model.layers.0.self_attn.q_proj"
+    kind: str
+    a: TensorInfo  # [r, d_in] (embedding: [r, V])
+    b: TensorInfo  # [d_out, r] (embedding: [d, r])
+    rank: int
+    alpha: float
+    scale: float  # alpha / rank, or alpha / sqrt(rank) with rsLoRA
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A PEFT LoRA adapter as read from its directory (no tensor data loaded)."""
+
+    path: Path
+    config: dict
+    file: Path
+    loras: dict[str, LoraModule]  # by module name
+    saved_modules: dict[str, TensorInfo]  # modules_to_save copies, by the base tensor name they replace
+    base_layer_copies: dict[str, TensorInfo] = field(default_factory=dict)  # by base tensor name
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.loras.values()), default=0)
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """A base checkpoint's tensors as a merge sees them, with a tied head resolved.
+
+    `tied` is `(head tensor, embedding tensor)` when `lm_head` shares the input embedding and
+    the checkpoint stores only the embedding.
+    """
+
+    path: Path
+    config: dict
+    tensors: dict[str, TensorInfo]
+    tied: tuple[str, str] | None
+
+    def find(self, name: str) -> TensorInfo | None:
+        """The stored tensor `name`, or the embedding it is tied to."""
+        if name in self.tensors:
+            return self.tensors[name]
+        if self.tied and name == self.tied[0]:
+            return self.tensors[self.tied[1]]
+        return None
+
+
+@dataclass(frozen=True)
+class LoraBinding:
+    """A LoRA module bound to the base tensor it changes.
+
+    `transposed`: the base tensor stores `(B A)ᵀ` (Conv1D, embeddings), else `B A`.
+    """
+
+    lora: LoraModule
+    tensor: str
+    transposed: bool
+
+
+def read_base(base_dir: Path) -> BaseWeights:
+    """Headers and config of a base checkpoint; finds the embedding a missing tied head reads."""
+    base_dir = Path(base_dir)
+    tensors = read_checkpoint(base_dir)
+    config = read_config(base_dir)
+    tied = None
+    if config.get("tie_word_embeddings", True) and HEAD_TENSOR not in tensors:
+        vocab = config.get("vocab_size")
+        candidates = [
+            name for name, info in tensors.items()
+            if name.split(".")[-2:] in ([leaf, "weight"] for leaf in EMBEDDING_LEAVES)
+            and len(info.shape) == 2 and (vocab is None or info.shape[0] == vocab)
+        ]
+        if len(candidates) == 1:
+            tied = (HEAD_TENSOR, candidates[0])
+    return BaseWeights(base_dir, config, tensors, tied)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's `get_pattern_key`: the first pattern matching the end of `module` wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise InputError(f"{adapter_dir}: no {CONFIG_NAME}; not a PEFT adapter directory") from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: invalid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise InputError(f"{adapter_dir}: peft_type {config.get('peft_type')!r} is not supported; only LORA adapters merge")
+    for flag, what in _UNSUPPORTED_FLAGS.items():
+        if config.get(flag):
+            raise InputError(f"{adapter_dir}: {what} adapters are not supported")
+    for name in ("r", "lora_alpha"):
+        if not isinstance(config.get(name), (int, float)) or config[name] <= 0:
+            raise InputError(f"{path}: {name} must be a positive number, got {config.get(name)!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise InputError(f"{path}: {name} must be an object")
+    return config
+
+
+def _weights_file(adapter_dir: Path) -> Path:
+    file = adapter_dir / WEIGHTS_NAME
+    if file.is_file():
+        return file
+    pickled = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise InputError(f"{adapter_dir}: pickled adapter weights ({pickled[0]}) are refused; save with safetensors")
+    raise InputError(f"{adapter_dir}: no {WEIGHTS_NAME}")
+
+
+def read_adapter(adapter_dir: str | Path) -> AdapterInfo:
+    """Read and check a PEFT LoRA adapter directory. Raises `InputError` naming what is wrong."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InputError(f"adapter {adapter_dir} is not a directory")
+    config = _adapter_config(adapter_dir)
+    file = _weights_file(adapter_dir)
+    tensors = read_safetensors_header(file)
+    modules_to_save = config.get("modules_to_save") or []
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    saved: dict[str, TensorInfo] = {}
+    copies: dict[str, TensorInfo] = {}
+    for key, info in tensors.items():
+        if info.dtype not in ("F32", "F16", "BF16"):
+            raise InputError(f"{file.name}: tensor {key!r} has dtype {info.dtype}; LoRA weights must be floating point")
+        name = key.removeprefix(KEY_PREFIX)
+        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", name)
+        if match:
+            parts.setdefault(match[1], {})[match[2]] = info
+        elif name.endswith(".base_layer.weight"):
+            copies[name.removesuffix(".base_layer.weight") + ".weight"] = info
+        elif any(re.fullmatch(rf"(.*\.)?{re.escape(m)}\.(weight|bias)", name) for m in modules_to_save):
+            saved[name] = info
+        else:
+            raise InputError(f"{file.name}: unsupported adapter tensor {key!r}")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    loras = {}
+    for module, found in parts.items():
+        kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        if a_key not in found or b_key not in found:
+            missing = b_key if a_key in found else a_key
+            raise InputError(f"{file.name}: module {module!r} has no {missing}")
+        a, b = found[a_key], found[b_key]
+        rank = int(_pattern_value(rank_pattern, module, config["r"]))
+        alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise InputError(
+                f"{file.name}: module {module!r} has {a_key} {list(a.shape)} and {b_key} {list(b.shape)}, "
+                f"but its configured rank is {rank}"
+            )
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        loras[module] = LoraModule(module, kind, a, b, rank, alpha, scale)
+    if not loras and not saved:
+        raise InputError(f"{file.name}: no LoRA tensors")
+    return AdapterInfo(adapter_dir, config, file, loras, saved, copies)
+
+
+def _is_conv1d(module: str, adapter: AdapterInfo, base: BaseWeights) -> bool:
+    if adapter.config.get("fan_in_fan_out"):
+        return True
+    return base.config.get("model_type") in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_LEAVES
+
+
+def bind_adapter(adapter: AdapterInfo, base: BaseWeights) -> list[LoraBinding]:
+    """Bind every LoRA module to its base tensor; check every shape against the base.
+
+    Raises `InputError` naming the module or tensor and both shapes when they do not fit.
+    """
+    bindings = []
+    for module, lora in adapter.loras.items():
+        tensor = f"{module}.weight"
+        target = base.find(tensor)
+        if target is None:
+            raise InputError(f"adapter {adapter.path} targets module {module!r}, which base model {base.path} does not have")
+        transposed = lora.kind == "embedding" or _is_conv1d(module, adapter, base)
+        rows, cols = lora.b.shape[0], lora.a.shape[1]  # B A is [rows, cols]
+        expected = (cols, rows) if transposed else (rows, cols)
+        if target.shape != expected:
+            raise InputError(
+                f"adapter {adapter.path} does not fit base model {base.path}: its LoRA on {tensor} gives a delta of "
+                f"shape {list(expected)} but the base tensor has shape {list(target.shape)}"
+            )
+        bindings.append(LoraBinding(lora, tensor, transposed))
+    for tensor, info in {**adapter.saved_modules, **adapter.base_layer_copies}.items():
+        target = base.find(tensor)
+        if target is None:
+            raise InputError(f"adapter {adapter.path} saves {tensor!r}, which base model {base.path} does not have")
+        if target.shape != info.shape:
+            raise InputError(
+                f"adapter {adapter.path} does not fit base model {base.path}: its {tensor} has shape "
+                f"{list(info.shape)} but the base tensor has shape {list(target.shape)}"
+            )
+    return bindings
+
+
+def validate_adapter(adapter_dir: str | Path, base_dir: str | Path, *, max_rank: int) -> AdapterInfo:
+    """Check a PEFT adapter against a base checkpoint by headers alone (milliseconds).
+
+    Refuses pickled weights, unsupported LoRA variants, ranks above `max_rank`, target modules
+    the base lacks, and any tensor whose shape does not fit (naming the tensor and both shapes).
+    """
+    adapter = read_adapter(adapter_dir)
+    if adapter.max_rank > max_rank:
+        worst = max(adapter.loras.values(), key=lambda m: m.rank)
+        raise InputError(f"adapter {adapter.path}: rank {worst.rank} on {worst.module!r} is above the maximum of {max_rank}", param="rank")
+    bind_adapter(adapter, read_base(Path(base_dir)))
+    return adapter

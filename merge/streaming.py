@@ -1,0 +1,361 @@
+"""`merge_streaming`: `W_eff = W_base + Δ` written tensor by tensor into a new checkpoint.
+
+The base is read by its safetensors headers; each output tensor is produced in row blocks
+(read the block, add the combined delta, round once to the output dtype, write), so memory
+holds a few blocks, never the model. Untouched tensors are copied byte for byte from the
+memory-mapped base. Every delta is computed in float32 (see `merge.deltas`), added to the
+base block in float32, and cast once to the output dtype.
+
+Output (Hugging Face layout, in a temporary directory renamed when complete):
+`model-0000N-of-0000M.safetensors`, `model.safetensors.index.json`, `config.json` (dtype, and
+`tie_word_embeddings: false` when a tied head was written separately), every other non-weight
+file of the base (tokenizer, generation config, chat template), `loramill-manifest.json`.
+With `method="svd"` the output is a PEFT adapter directory instead.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from adapters.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, TensorInfo, resolve_model_dir
+from adapters.errors import InputError
+from adapters.fsutil import atomic_directory
+from adapters.peft_format import (
+    CONFIG_NAME as ADAPTER_CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME,
+    AdapterInfo, BaseWeights, LoraBinding, bind_adapter, read_adapter, read_base,
+)
+from merge.deltas import LoraDelta
+from merge.manifest import MANIFEST_NAME, build_manifest, write_manifest
+from merge.methods import MergeMethod, Svd, make_method
+from merge.tensorio import FLOAT_CODES, OUTPUT_DTYPES, from_float32, is_finite, read_float32, read_raw, to_float32
+from merge.writer import Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size
+
+BLOCK_ELEMENTS = 4 * 1024 * 1024  # rows per block: about this many elements (16 MB in float32)
+COPY_BYTES = 64 * 1024 * 1024  # untouched tensors are copied in slices of this size
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter directory and its weight in the merge."""
+
+    path: str | Path
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    manifest: dict
+    files: list[Path]
+
+
+@dataclass
+class _Task:
+    """One adapter's contribution to one tensor: a LoRA delta or a saved replacement."""
+
+    adapter: int
+    weight: float
+    lora: LoraBinding | None = None
+    saved: TensorInfo | None = None
+
+
+@dataclass
+class _Output:
+    """One output tensor: where its base values come from and what is added to them."""
+
+    name: str
+    source: TensorInfo
+    dtype: str
+    tasks: list[_Task] = field(default_factory=list)
+
+    @property
+    def entry(self) -> Entry:
+        return Entry(self.name, self.dtype, self.source.shape)
+
+
+def _check_weights(adapters: list[AdapterRef]) -> list[float]:
+    if not adapters:
+        raise InputError("give at least one adapter", param="adapter")
+    weights = []
+    for ref in adapters:
+        try:
+            weight = float(ref.weight)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"adapter weight {ref.weight!r} for {ref.path} is not a number", param="adapter") from exc
+        if not np.isfinite(weight):
+            raise InputError(f"adapter weight {ref.weight!r} for {ref.path} is not a finite number", param="adapter")
+        weights.append(weight)
+    return weights
+
+
+def _output_dtype(dtype: str) -> str | None:
+    """None for "auto" (keep each tensor's dtype), else a safetensors code."""
+    if dtype == "auto":
+        return None
+    if dtype not in OUTPUT_DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; expected auto, {', '.join(OUTPUT_DTYPES)}", param="dtype")
+    return OUTPUT_DTYPES[dtype]
+
+
+def _plan(base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[LoraBinding]],
+          weights: list[float], out_dtype: str | None) -> tuple[list[_Output], bool]:
+    """Every output tensor in base file order; unties a tied head that an adapter touches."""
+    tasks: dict[str, list[_Task]] = {}
+    for i, (adapter, bound) in enumerate(zip(adapters, bindings)):
+        for b in bound:
+            tasks.setdefault(b.tensor, []).append(_Task(i, weights[i], lora=b))
+        for tensor, info in adapter.saved_modules.items():
+            tasks.setdefault(tensor, []).append(_Task(i, weights[i], saved=info))
+    untie = base.tied is not None and any(name in tasks for name in base.tied)
+    outputs = []
+    for name, info in sorted(base.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].data_offset)):
+        dtype = out_dtype if out_dtype and info.dtype in FLOAT_CODES else info.dtype
+        outputs.append(_Output(name, info, dtype, tasks.get(name, [])))
+        if untie and name == base.tied[1]:
+            head = base.tied[0]
+            outputs.append(_Output(head, info, dtype, tasks.get(head, [])))
+    return outputs, untie
+
+
+def _shards(outputs: list[_Output], max_bytes: int) -> list[list[_Output]]:
+    shards: list[list[_Output]] = [[]]
+    size = 0
+    for out in outputs:
+        if shards[-1] and size + out.entry.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(out)
+        size += out.entry.nbytes
+    return shards
+
+
+def _check_adapters_finite(adapters: list[AdapterInfo]) -> None:
+    for adapter in adapters:
+        infos = [t for m in adapter.loras.values() for t in (m.a, m.b)] + list(adapter.saved_modules.values())
+        for info in infos:
+            if not np.isfinite(read_float32(info)).all():
+                raise InputError(f"adapter {adapter.path}: tensor {info.name!r} contains NaN or inf")
+
+
+class _Merger:
+    """Produces output tensors block by block from open base files."""
+
+    def __init__(self, method: MergeMethod, stack: ExitStack):
+        self.method = method
+        self.stack = stack
+        self.files: dict[Path, object] = {}
+        self.maps: dict[Path, mmap.mmap] = {}
+
+    def _file(self, path: Path):
+        if path not in self.files:
+            self.files[path] = self.stack.enter_context(open(path, "rb"))
+        return self.files[path]
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self.maps:
+            self.maps[path] = self.stack.enter_context(mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ))
+        return self.maps[path]
+
+    def blocks(self, out: _Output):
+        """Yield the output tensor's bytes in order, as buffers to write."""
+        src = out.source
+        if not out.tasks and out.dtype == src.dtype:
+            view = memoryview(self._map(src.file))
+            end = src.data_offset + src.nbytes
+            for start in range(src.data_offset, end, COPY_BYTES):
+                yield view[start:min(start + COPY_BYTES, end)]
+            return
+        if not src.shape:
+            yield self._block(out, read_raw(src, self._file(src.file)), 0, 1, {})
+            return
+        rows = src.shape[0]
+        step = max(1, BLOCK_ELEMENTS * rows // max(src.numel, 1)) if self.method.elementwise or not out.tasks else rows
+        loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
+        for first in range(0, rows, step):
+            last = min(first + step, rows)
+            yield self._block(out, read_raw(src, self._file(src.file), first, last), first, last, loras)
+
+    def _block(self, out: _Output, raw: np.ndarray, first: int, last: int, loras: dict[int, LoraDelta]) -> np.ndarray:
+        if out.source.dtype not in FLOAT_CODES:
+            return raw
+        values = to_float32(raw, out.source.dtype)
+        if not out.tasks:
+            return np.ascontiguousarray(from_float32(values, out.dtype))
+        tasks = out.tasks
+        if self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
+            values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
+        else:
+            deltas = [loras[id(t)].rows(first, last) if t.lora is not None
+                      else self._saved_rows(t.saved, first, last) - values for t in tasks]
+            values += self.method.combine(deltas, [t.weight for t in tasks], out.name)
+        if not np.isfinite(values).all():
+            raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
+        stored = np.ascontiguousarray(from_float32(values, out.dtype))
+        if not is_finite(stored, out.dtype):
+            raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
+        return stored
+
+    def _saved_rows(self, saved: TensorInfo, first: int, last: int) -> np.ndarray:
+        return to_float32(read_raw(saved, self._file(saved.file), first, last), saved.dtype)
+
+    def write_tensor(self, out: _Output, file: HashingFile, advance: Callable[[int], None]) -> None:
+        for block in self.blocks(out):
+            file.write(block)
+            advance(memoryview(block).nbytes)
+
+
+def _copy_side_files(base_dir: Path, out_dir: Path, config: dict) -> list[FileRecord]:
+    """config.json (as given) plus every non-weight file of the base, hashed."""
+    records = []
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    records.append(hash_file(out_dir / "config.json"))
+    skip = {"config.json", INDEX_NAME, MANIFEST_NAME}
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and path.name not in skip and not path.name.startswith(".") \
+                and path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
+            shutil.copyfile(path, out_dir / path.name)
+            records.append(hash_file(out_dir / path.name))
+    return records
+
+
+def _output_config(base: BaseWeights, dtype: str, untie: bool) -> dict:
+    config = dict(base.config)
+    if untie:
+        config["tie_word_embeddings"] = False
+    if dtype != "auto":
+        config["dtype"] = dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype
+    return config
+
+
+def _write_checkpoint(tmp: Path, base: BaseWeights, outputs: list[_Output], shards: list[list[_Output]],
+                      method: MergeMethod, progress: Progress | None) -> list[FileRecord]:
+    total = sum(o.entry.nbytes for o in outputs)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files: list[HashingFile] = []
+    with ExitStack() as stack:
+        merger = _Merger(method, stack)
+        try:
+            for name, shard in zip(names, shards):
+                ordered = order_for_alignment(shard)
+                file = HashingFile(tmp / name)
+                files.append(file)
+                file.write(header_bytes([o.entry for o in ordered]))
+                for out in ordered:
+                    merger.write_tensor(out, file, advance)
+                file.close()
+            records = [f.record() for f in files]
+        finally:
+            for f in files:
+                f.close()
+    index = {"metadata": {"total_size": total},
+             "weight_map": {o.name: names[i] for i, shard in enumerate(shards) for o in sorted(shard, key=lambda o: o.name)}}
+    (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return records + [hash_file(tmp / INDEX_NAME)]
+
+
+def _write_svd_adapter(tmp: Path, base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[LoraBinding]],
+                       weights: list[float], method: Svd, out_dtype: str | None) -> list[FileRecord]:
+    """One PEFT adapter whose `B' A'` is the best rank-`rank` approximation of `Σ wᵢ sᵢ Bᵢ Aᵢ`."""
+    dtype = out_dtype or "F32"
+    by_module: dict[str, list[tuple[LoraBinding, float]]] = {}
+    for bound, w in zip(bindings, weights):
+        for b in bound:
+            by_module.setdefault(b.lora.module, []).append((b, w))
+    tensors: list[tuple[Entry, np.ndarray]] = []
+    for module, items in sorted(by_module.items()):
+        kinds = {b.lora.kind for b, _ in items}
+        if len(kinds) > 1:
+            raise InputError(f"adapters disagree on whether {module!r} is an embedding; cannot combine them")
+        b_new, a_new = method.factor([LoraDelta.load(b).factors() for b, _ in items], [w for _, w in items])
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kinds == {"embedding"} else ("lora_A.weight", "lora_B.weight")
+        for key, value in ((a_key, a_new), (b_key, b_new)):
+            tensors.append((Entry(f"{KEY_PREFIX}{module}.{key}", dtype, value.shape), value))
+    saved_tensors: dict[str, list[tuple[int, TensorInfo]]] = {}
+    for i, adapter in enumerate(adapters):
+        for name, info in adapter.saved_modules.items():
+            saved_tensors.setdefault(name, []).append((i, info))
+    for name, items in sorted(saved_tensors.items()):
+        base_values = read_float32(base.find(name))
+        if len(items) == 1 and weights[items[0][0]] == 1.0:
+            value = read_float32(items[0][1])
+        else:
+            value = base_values + method.combine([read_float32(info) - base_values for _, info in items],
+                                                 [weights[i] for i, _ in items], name)
+        tensors.append((Entry(f"{KEY_PREFIX}{name}", dtype, value.shape), value))
+    modules_to_save = sorted({name.rsplit(".", 1)[0] for name in saved_tensors})
+    file = HashingFile(tmp / ADAPTER_WEIGHTS_NAME)
+    try:
+        file.write(header_bytes([e for e, _ in tensors]))
+        for entry, value in tensors:
+            stored = np.ascontiguousarray(from_float32(np.ascontiguousarray(value, dtype=np.float32), dtype))
+            if not is_finite(stored, dtype):
+                raise InputError(f"re-factored tensor {entry.name!r} contains NaN or inf; nothing was written")
+            file.write(stored)
+    finally:
+        file.close()
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.path.resolve()),
+        "r": method.rank, "lora_alpha": method.rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "target_modules": sorted(by_module), "modules_to_save": modules_to_save or None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True, "init_lora_weights": True,
+    }
+    (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return [file.record(), hash_file(tmp / ADAPTER_CONFIG_NAME)]
+
+
+def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: str | Path, *, method: str = "linear",
+                    dtype: str = "auto", max_shard_size: str | int = "2GB", density: float | None = None,
+                    drop_rate: float | None = None, rank: int | None = None, seed: int = 0, overwrite: bool = False,
+                    progress: Progress | None = None,
+                    before_commit: Callable[[Path], None] | None = None) -> MergeResult:
+    """Merge `adapters` into the base checkpoint at `base_dir`, writing `out_dir`.
+
+    Every input is checked (by headers) before anything is written; `before_commit(tmp_dir)`
+    runs on the complete output before it is renamed into place (e.g. verification) and may
+    raise to discard it. Raises `InputError` for any bad input; `out_dir` is then untouched.
+    """
+    weights = _check_weights(adapters)
+    merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank, seed=seed)
+    out_dtype = _output_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"output {out_dir} already exists (pass --overwrite to replace it)", param="out")
+    base = read_base(resolve_model_dir(base_dir))
+    infos = [read_adapter(ref.path) for ref in adapters]
+    bindings = [bind_adapter(info, base) for info in infos]
+    _check_adapters_finite(infos)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        if isinstance(merge_method, Svd):
+            records = _write_svd_adapter(tmp, base, infos, bindings, weights, merge_method, out_dtype)
+            kind, untie = "adapter", False
+        else:
+            outputs, untie = _plan(base, infos, bindings, weights, out_dtype)
+            records = _write_checkpoint(tmp, base, outputs, _shards(outputs, max_bytes), merge_method, progress)
+            records += _copy_side_files(base.path, tmp, _output_config(base, dtype, untie))
+            kind = "checkpoint"
+        manifest = build_manifest(kind=kind, base=base, adapters=infos, weights=weights, method=merge_method.describe(),
+                                  dtype=dtype, untied=untie, files=records)
+        write_manifest(tmp, manifest)
+        if before_commit:
+            before_commit(tmp)
+    return MergeResult(out_dir, manifest, [out_dir / r.name for r in records] + [out_dir / MANIFEST_NAME])

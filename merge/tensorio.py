@@ -1,0 +1,71 @@
+"""Tensor bytes <-> numpy arrays for safetensors dtypes, torch-free.
+
+numpy has no bfloat16, so BF16 data travels as uint16 bit patterns:
+float32 -> bfloat16 is round-to-nearest-even on the upper 16 bits (what torch's `.to(bfloat16)`
+does), bfloat16 -> float32 is a 16-bit left shift (exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adapters.checkpoint import TensorInfo
+from adapters.errors import InputError
+
+STORAGE = {  # safetensors dtype -> numpy dtype of the stored bytes
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+FLOAT_CODES = ("F32", "F16", "BF16", "F64")
+OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = None) -> np.ndarray:
+    """Rows `[first_row, last_row)` of a tensor's first dimension as stored, from open binary `file`."""
+    shape = info.shape or (1,)
+    last_row = shape[0] if last_row is None else last_row
+    row_items = 1
+    for d in shape[1:]:
+        row_items *= d
+    storage = STORAGE.get(info.dtype)
+    if storage is None:
+        raise InputError(f"{info.file.name}: tensor {info.name!r} has unsupported dtype {info.dtype}")
+    width = np.dtype(storage).itemsize
+    count = (last_row - first_row) * row_items
+    file.seek(info.data_offset + first_row * row_items * width)
+    data = np.empty(count, dtype=storage)
+    got = file.readinto(memoryview(data).cast("B"))
+    if got != count * width:
+        raise InputError(f"{info.file.name}: truncated safetensors file (tensor {info.name!r})")
+    return data.reshape((last_row - first_row, *shape[1:]) if info.shape else ())
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as float32 (a fresh array the caller may modify)."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=True)
+
+
+def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded once to `dtype`, as the stored representation."""
+    if dtype == "F32":
+        return values
+    if dtype == "BF16":
+        bits = values.view(np.uint32)
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+        return (rounded >> 16).astype(np.uint16)
+    return values.astype(STORAGE[dtype])
+
+
+def is_finite(stored: np.ndarray, dtype: str) -> bool:
+    """True when no element of the stored array is NaN or infinite."""
+    if dtype == "BF16":
+        return not bool(np.any((stored & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    return bool(np.isfinite(stored).all())
+
+
+def read_float32(info: TensorInfo) -> np.ndarray:
+    """A whole (small) tensor as float32, e.g. a LoRA factor."""
+    with open(info.file, "rb") as f:
+        return to_float32(read_raw(info, f), info.dtype)
