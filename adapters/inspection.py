@@ -333,6 +333,9 @@ def _config_problems(dims: ModelDims, convention: Convention | None) -> list[Pro
     """config.json inconsistencies that make the shape rules meaningless (checked first)."""
     if convention is None:
         return []
+    if dims.head_dim is None and dims.hidden and dims.heads:
+        return [Problem(None, f"config.json: hidden_size ({dims.hidden}) is not a multiple of num_attention_heads "
+                              f"({dims.heads}) and no head_dim is given; shapes not checked")]
     needed = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "layers")
     missing = [n for n in needed if getattr(dims, n) is None]
     if convention is GPT2 and dims.positions is None:

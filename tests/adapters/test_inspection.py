@@ -107,6 +107,22 @@ def test_wrong_config_is_reported_against_every_tensor_it_breaks(make_base, tmp_
     assert names == {f"model.layers.{i}.mlp.{p}_proj.weight" for i in (0, 1) for p in ("gate", "up", "down")}
 
 
+@pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (dict(num_attention_heads=5, head_dim=None), "hidden_size (128) is not a multiple of num_attention_heads (5)"),
+        (dict(num_key_value_heads=3), "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+        (dict(intermediate_size=None), "config.json lacks intermediate"),
+    ],
+)
+def test_inconsistent_config_is_one_problem(make_base, tmp_path, change, fragment):
+    base = _copy(make_base(arch="llama"), tmp_path / "m")
+    config = json.loads((base / "config.json").read_text()) | change
+    (base / "config.json").write_text(json.dumps(config))
+    (problem,) = inspect_checkpoint(base).problems
+    assert fragment in problem.message and problem.tensor is None
+
+
 def test_layer_count_disagreement(make_base, tmp_path):
     base = _copy(make_base(arch="llama"), tmp_path / "m")
     config_path = base / "config.json"
