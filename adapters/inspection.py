@@ -80,7 +80,7 @@ class ModelDims:
 
 _BUFFER = re.compile(r"(\.attn\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
 _HEAD = re.compile(r"^(lm_head|embed_out)\.")
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|embed_positions|tok_embeddings)\.")
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|embed_positions|tok_embeddings|embed_in)\.")
 _NORM = re.compile(r"(^|\.)([a-z_]*norm[a-z_]*|ln_\w+|ln\d*)\.")
 _ATTENTION = re.compile(
     r"(^|\.)(self_attn|attn|attention|self_attention|crossattention|cross_attn|"
@@ -145,7 +145,7 @@ def _kv(d: ModelDims) -> int:
 LLAMA = Convention(
     name="llama",
     model_types=frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-                           "olmo", "olmo2", "granite"}),
+                           "olmo", "granite"}),
     rules=(
         _rule(r"(^|\.)embed_tokens\.weight$", lambda d: (d.vocab, d.hidden), "[vocab_size, hidden_size]"),
         _rule(r"^lm_head\.weight$", lambda d: (d.vocab, d.hidden), "[vocab_size, hidden_size]"),

@@ -264,6 +264,37 @@ def test_70b_headers_are_read_without_touching_tensor_data(tmp_path):
     assert read_bytes < 5_000_000, f"read {read_bytes} bytes for {claimed} bytes of tensors"
 
 
+# --- other families, made tiny by transformers itself ------------------------------------------
+
+FAMILY_SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize(
+    "model_type,extra,convention",
+    [
+        ("mistral", {}, "llama"),
+        ("qwen2", {}, "llama"),  # q/k/v biases
+        ("qwen3", {"head_dim": 24}, "llama"),  # per-head q_norm/k_norm, head_dim * heads != hidden
+        ("phi3", {"pad_token_id": 0}, "llama"),  # fused qkv_proj and gate_up_proj
+        ("gemma", {"head_dim": 32}, "llama"),  # tied by default
+        ("mixtral", {"num_local_experts": 2}, None),  # MoE: listed and counted, not checked
+        ("gpt_neox", {}, None),
+    ],
+)
+def test_other_families_count_exactly_and_check_clean(tmp_path, model_type, extra, convention):
+    from transformers import AutoConfig
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **FAMILY_SHAPE, **extra))
+    model.save_pretrained(tmp_path)
+    report = inspect_checkpoint(tmp_path)
+    assert report.convention == convention
+    assert report.total_parameters == sum(p.numel() for p in model.parameters())
+    assert report.problems == []
+    assert report.groups["other"].tensors == 0
+    assert report.tied_head is (model.lm_head.weight is model.get_input_embeddings().weight)
+
+
 # --- grouping of names from other families ---------------------------------------------------
 
 
@@ -278,7 +309,8 @@ def test_70b_headers_are_read_without_touching_tensor_data(tmp_path):
         ("h.0.attn.c_attn.bias", "attention"),
         ("model.layers.0.self_attn.rotary_emb.inv_freq", "buffer"),
         ("transformer.ln_f.weight", "norm"),
-        ("gpt_neox.embed_in.weight", "other"),
+        ("gpt_neox.embed_in.weight", "embedding"),
+        ("model.decoder.final_layer_norm.weight", "norm"),
         ("embed_out.weight", "lm_head"),
     ],
 )
