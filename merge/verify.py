@@ -1,0 +1,128 @@
+"""`verify_merge`: run a probe batch through base + adapters unmerged (PEFT) and through the
+merged output, and compare.
+
+The reference is the base in float32 with every adapter active at once, each LoRA's scaling
+multiplied by its merge weight: exactly `W + Σ wᵢ sᵢ Bᵢ Aᵢ` applied on the fly. The candidate is
+the written checkpoint loaded with plain `transformers` in its stored dtype (or, for an `svd`
+output, the base with the written adapter). Reported: the max absolute logit difference and the
+perplexity of each on the probe. For exact methods (`linear`, `svd` at a rank that holds every
+input) a difference above `RTOL[dtype] · max(1, max |reference logit|)` fails; for the others
+(`ties`, `dare_*`, truncated `svd`) the figures are reported only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.errors import InputError
+from adapters.peft_format import CONFIG_NAME as ADAPTER_CONFIG_NAME, read_adapter
+
+RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+PROBE_TEXT = (
+    "The merge writes W_eff = W_base + delta as a new checkpoint. Tenants download it and load it "
+    "with transformers; its logits must match the unmerged adapter's.",
+    "<|im_start|>user\nWhat is a low-rank adapter?<|im_end|>\n<|im_start|>assistant\nTwo small matrices "
+    "whose product is added to a frozen weight.<|im_end|>\n",
+)
+
+
+class VerificationFailed(InputError):
+    """The merged output's logits differ from the unmerged adapters' beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    max_abs_diff: float
+    tolerance: float | None  # None: the method is not exact; nothing to fail on
+    reference_perplexity: float
+    merged_perplexity: float
+    dtype: str
+
+    @property
+    def passed(self) -> bool:
+        return self.tolerance is None or self.max_abs_diff <= self.tolerance
+
+    def summary(self) -> str:
+        limit = f"tolerance {self.tolerance:.2e}" if self.tolerance is not None else "inexact method, no tolerance"
+        return (f"verify: max |logit diff| {self.max_abs_diff:.3e} ({self.dtype}, {limit}); perplexity on probe: "
+                f"unmerged {self.reference_perplexity:.4f}, merged {self.merged_perplexity:.4f}")
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise VerificationFailed(f"verification failed, output discarded: {self.summary()}", code="verify_failed")
+
+
+def _probe_ids(base_dir: Path, vocab_size: int):
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:64] for text in PROBE_TEXT]
+    except (OSError, ValueError):
+        rows = []
+    if not rows or min(map(len, rows)) < 2 or max(max(r) for r in rows) >= vocab_size:
+        return torch.randint(0, vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    n = min(map(len, rows))
+    return torch.tensor([r[:n] for r in rows])
+
+
+def _logits_and_perplexity(model, ids) -> tuple:
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return logits, math.exp(loss.item())
+
+
+def _reference(base_dir: Path, adapters):
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    infos = [read_adapter(ref.path) for ref in adapters]
+    if any(info.saved_modules for info in infos) and (len(adapters) > 1 or float(adapters[0].weight) != 1.0):
+        raise InputError("--verify has no unmerged reference for modules_to_save with several adapters or a weight other than 1")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    names = [f"a{i}" for i in range(len(adapters))]
+    model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=names[0])
+    for name, ref in zip(names[1:], adapters[1:]):
+        model.load_adapter(str(ref.path), adapter_name=name)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, ref in zip(names, adapters):
+                if name in module.scaling:
+                    module.scaling[name] *= float(ref.weight)
+    model.base_model.set_adapter(names)
+    return model.eval(), infos
+
+
+def verify_merge(base_dir: str | Path, adapters, out_dir: str | Path, *, method: str = "linear") -> VerifyReport:
+    """Compare the merged output in `out_dir` with `base_dir` + `adapters` (`AdapterRef`s) unmerged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapters.checkpoint import resolve_model_dir
+
+    base_dir, out_dir = resolve_model_dir(base_dir), Path(out_dir)
+    reference, infos = _reference(base_dir, adapters)
+    if (out_dir / ADAPTER_CONFIG_NAME).exists():
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(out_dir)).eval()
+        rank = read_adapter(out_dir).max_rank
+        exact = rank >= sum(info.max_rank for info in infos)
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype="auto").eval()
+        exact = method == "linear"
+    dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
+    ids = _probe_ids(base_dir, reference.config.vocab_size)
+    ref_logits, ref_ppl = _logits_and_perplexity(reference, ids)
+    out_logits, out_ppl = _logits_and_perplexity(merged, ids)
+    diff = (ref_logits - out_logits).abs().max().item()
+    tolerance = RTOL.get(dtype, RTOL["bfloat16"]) * max(1.0, ref_logits.abs().max().item()) if exact else None
+    return VerifyReport(diff, tolerance, ref_ppl, out_ppl, dtype)
