@@ -147,7 +147,7 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             if not raw.strip():
                 continue
             try:
-                text = raw.decode("utf-8")
+                text = raw.rstrip(b"\r\n").decode("utf-8")
             except UnicodeDecodeError as exc:
                 yield lineno, None, f"not valid UTF-8 (byte {exc.start + 1})"
                 continue
