@@ -56,6 +56,9 @@ def _config(spec: BaseModelSpec, tok):
     from transformers import GPT2Config, LlamaConfig
 
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    # Fan-in scale (1/sqrt(hidden)) rather than transformers' fixed 0.02: with a frozen random
+    # norm and head, 0.02 caps the reachable logit margin so low that no adapter can be confident.
+    special["initializer_range"] = spec.hidden ** -0.5
     if spec.arch == "llama":
         return LlamaConfig(
             vocab_size=spec.vocab,
@@ -86,14 +89,14 @@ def create_base_model(out_dir: str | Path, spec: BaseModelSpec = BaseModelSpec()
     Written into a temporary sibling directory and renamed, so a half-written model never
     looks finished. Refuses an existing non-empty `out_dir` unless `overwrite`.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     from adapters.fsutil import atomic_directory
 
     spec.validate()
     out = Path(out_dir)
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        import torch  # after the checks above, so bad options fail at once
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
         tok = save_byte_tokenizer(tmp, model_max_length=spec.max_positions)
         config = _config(spec, tok)
         torch.manual_seed(spec.seed)

@@ -76,6 +76,16 @@ def test_existing_non_empty_out_dir_one_line_exit_2(tmp_path):
     assert (out / "weights.safetensors").read_bytes() == b"precious"
 
 
+def test_bad_options_fail_before_loading_torch(tmp_path):
+    """Refusals come at once: no torch/transformers import before the options and OUT are checked."""
+    code = ("import sys\nfrom loramill.cli import main\n"
+            "try:\n    main(['base', 'create', sys.argv[1], '--vocab', '10'])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('torch imported:', 'torch' in sys.modules, 'exit:', code)")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "torch imported: False exit: 2", run.stdout + run.stderr
+    assert run.stderr.startswith("error: vocab must be at least 259")
+
+
 def test_overwrite_replaces_existing_out_dir(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
