@@ -61,7 +61,7 @@ def render(report) -> str:
         if not members:
             continue
         total = report.groups[group]
-        lines += ["", f"{group}  ({total.tensors} tensors, {total.parameters:,} parameters)"]
+        lines += ["", f"{group}  ({total.tensors} tensor{'s' if total.tensors != 1 else ''}, {total.parameters:,} parameters)"]
         for t in members:
             note = "" if t.counted else ("  (buffer, not a parameter)" if group == "buffer" else "  (tied: counted in embedding)")
             lines.append(f"  {t.name:<{width}}  {str(list(t.shape)):<16} {t.dtype:<5} {t.numel:>14,}{note}")

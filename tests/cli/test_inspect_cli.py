@@ -31,7 +31,8 @@ def test_table_lists_groups_totals_and_head(make_base, arch, tied):
     assert result.exit_code == 0, result.output
     out = result.stdout
     for group in ("embedding", "attention", "ffn", "norm"):
-        assert f"{group}  ({report.groups[group].tensors} tensors, {report.groups[group].parameters:,} parameters)" in out
+        total = report.groups[group]
+        assert f"{group}  ({total.tensors} tensor{'s' if total.tensors != 1 else ''}, {total.parameters:,} parameters)" in out
     assert ("lm_head  (" in out) is not tied
     for t in report.tensors:
         assert t.name in out
