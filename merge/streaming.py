@@ -162,7 +162,8 @@ class _Merger:
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self.maps:
-            self.maps[path] = self.stack.enter_context(mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ))
+            # Not closed explicitly: buffers being hashed may still reference it; freed with the merger.
+            self.maps[path] = mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ)
         return self.maps[path]
 
     def blocks(self, out: _Output):

@@ -55,7 +55,8 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
         bits = values.view(np.uint32)
         rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
         return (rounded >> 16).astype(np.uint16)
-    return values.astype(STORAGE[dtype])
+    with np.errstate(over="ignore"):  # overflow to inf is detected by the caller (`is_finite`)
+        return values.astype(STORAGE[dtype])
 
 
 def is_finite(stored: np.ndarray, dtype: str) -> bool:

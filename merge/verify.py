@@ -13,6 +13,7 @@ input) a difference above `RTOL[dtype] · max(1, max |reference logit|)` fails; 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,13 +104,23 @@ def _reference(base_dir: Path, adapters):
 
 def verify_merge(base_dir: str | Path, adapters, out_dir: str | Path, *, method: str = "linear") -> VerifyReport:
     """Compare the merged output in `out_dir` with `base_dir` + `adapters` (`AdapterRef`s) unmerged."""
+    import transformers
+
+    from adapters.checkpoint import resolve_model_dir
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    base_dir, out_dir = resolve_model_dir(base_dir), Path(out_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on Conv1D and tied embeddings; we handle both
+        return _compare(base_dir, adapters, out_dir, method)
+
+
+def _compare(base_dir: Path, adapters, out_dir: Path, method: str) -> VerifyReport:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapters.checkpoint import resolve_model_dir
-
-    base_dir, out_dir = resolve_model_dir(base_dir), Path(out_dir)
     reference, infos = _reference(base_dir, adapters)
     if (out_dir / ADAPTER_CONFIG_NAME).exists():
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
