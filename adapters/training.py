@@ -1,0 +1,492 @@
+"""LoRA fine-tuning on frozen base weights: one readable loop.
+
+    W_eff x = W x + s · B (A x),   A ∈ R^{r×d_in} (random init), B ∈ R^{d_out×r} (zero init),
+    s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+Only A and B train (peft injects them). The loss is the mean cross-entropy over supervised
+tokens (labels != -100) of every micro-batch in an optimizer step, so gradient accumulation gives
+the same update as one big batch. Logits are never materialised for the whole batch: the
+backbone's hidden states at supervised positions go through the LM head in chunks under
+activation checkpointing, so peak memory holds one chunk's `[chunk, vocab]` logits, not
+`[batch, seq, vocab]`.
+
+A checkpoint (`<out>/checkpoints/step-NNNNNN/`) holds the adapter, the optimizer, scheduler and
+RNG states and the position in the data; resuming from it replays the same batches in the same
+order, so the result equals the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from adapters.checkpoint import resolve_model_dir, safetensors_files
+from adapters.errors import InputError
+from adapters.fsutil import atomic_directory
+
+IGNORE_INDEX = -100
+STATE_FILE = "training_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything one training run needs. Paths are local paths (a hub id for `base`)."""
+
+    base: str
+    data: str
+    out: str
+    validation: str | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "all-linear"
+    use_rslora: bool = False
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    packing: bool = False
+    overlong: str = "truncate"
+    seed: int = 0
+    save_every: int = 0
+    eval_every: int = 0
+    resume_from: str | None = None
+    bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA)
+    gradient_checkpointing: bool = False
+    loss_chunk_tokens: int = 1024
+    max_rank: int = 1024
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
+                    "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "max_seq_len": self.max_seq_len, "loss_chunk_tokens": self.loss_chunk_tokens}
+        for name, value in positive.items():
+            if not value > 0:
+                raise InputError(f"{name} must be positive, got {value}", param=name)
+        if self.rank > self.max_rank:
+            raise InputError(f"rank {self.rank} is above the maximum {self.max_rank}", param="rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}", param="dropout")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise InputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", param="warmup_ratio")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise InputError(f"max_steps must be positive, got {self.max_steps}", param="max_steps")
+        for name in ("save_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", param=name)
+        if self.overlong not in ("truncate", "refuse"):
+            raise InputError(f"overlong must be truncate or refuse, got {self.overlong!r}", param="overlong")
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            raise InputError(f"targets must be 'all-linear' or a list of module names, got {self.targets!r}", param="targets")
+        if not isinstance(self.targets, str) and not self.targets:
+            raise InputError("targets must name at least one module", param="targets")
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """What the progress callback sees after every optimizer step."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    lr: float
+    tokens_seen: int
+    tokens_per_s: float
+    eta_s: float
+    val_loss: float | None = None
+    checkpoint: Path | None = None
+
+
+ProgressCallback = Callable[[TrainingProgress], "bool | None"]
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    adapter_dir: Path | None  # None when stopped early
+    steps: int
+    trained_tokens: int
+    final_loss: float | None
+    metrics_path: Path
+    stopped: bool
+    val_loss: float | None = None
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def device_for_training() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_base_model(base: str | Path, device: torch.device | None = None):
+    """The frozen base as `AutoModelForCausalLM`: float32 on CPU, the checkpoint's dtype on CUDA.
+
+    Refuses pickle-only checkpoints before anything is loaded.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(base)
+    safetensors_files(model_dir)
+    device = device or device_for_training()
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    return model.to(device)
+
+
+def _target_modules(model, targets: str | tuple[str, ...]) -> str | list[str]:
+    """Check named targets exist as modules of the base; `InputError` naming the unknown ones."""
+    if isinstance(targets, str):
+        return targets
+    names = {name for name, _ in model.named_modules()}
+    leaves = {name.rsplit(".", 1)[-1] for name in names}
+    unknown = [t for t in targets if t not in leaves and t not in names]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ in ("Linear", "Conv1D", "Embedding")})
+        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(linear)}", param="targets")
+    return list(targets)
+
+
+def _lora_model(base_model, cfg: TrainingConfig):
+    from peft import LoraConfig, get_peft_model
+
+    fan_in_fan_out = base_model.config.model_type == "gpt2"
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=_target_modules(base_model, cfg.targets),
+        use_rslora=cfg.use_rslora,
+        fan_in_fan_out=fan_in_fan_out,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(base_model, lora)
+    model.peft_config["default"].base_model_name_or_path = cfg.base
+    return model
+
+
+def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class ChunkedLMLoss:
+    """Sum of token cross-entropies at supervised positions, logits computed chunk by chunk.
+
+    hidden: [B, T, H] backbone output; labels: [B, T] with -100 where no loss. Position t
+    predicts labels[t+1]. Each chunk's logits [chunk, V] are recomputed in backward (activation
+    checkpointing) instead of being stored.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int, softcap: float | None):
+        self.lm_head = lm_head
+        self.chunk_tokens = chunk_tokens
+        self.softcap = softcap
+
+    def _chunk(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+        keep = y != IGNORE_INDEX
+        h, y = h[keep], y[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, y.numel(), self.chunk_tokens):
+            hs, ys = h[start:start + self.chunk_tokens], y[start:start + self.chunk_tokens]
+            total = total + checkpoint(self._chunk, hs, ys, use_reentrant=False)
+        return total
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
+    """Non-padding tokens of a batch: the 2D mask's ones, or for a packed batch (4D mask) every
+    position but each row's trailing run of unlabelled pad tokens."""
+    mask = batch["attention_mask"]
+    if mask.dim() == 2:
+        return int(mask.sum())
+    pad = (batch["input_ids"] == pad_id) & (batch["labels"] == IGNORE_INDEX)
+    return batch["input_ids"].numel() - int(pad.flip(1).cumprod(1).sum())
+
+
+class LoraTrainer:
+    """One training run: `run()` is the loop, `close()` strips the LoRA layers off the base."""
+
+    def __init__(self, cfg: TrainingConfig, progress: ProgressCallback | None, base_model):
+        from transformers import AutoTokenizer
+
+        from adapters.data import DataConfig, batches_per_epoch, tokenize_jsonl
+
+        cfg.validate()
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.out)
+        model_dir = resolve_model_dir(cfg.base)
+        safetensors_files(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
+        cache = cfg.cache_dir or os.environ.get("LORAMILL_DATASET_CACHE") or Path.home() / ".cache" / "loramill" / "datasets"
+        self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cache)
+        self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cache) if cfg.validation else None
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+        self.owns_base = base_model is None
+        base = base_model if base_model is not None else load_base_model(model_dir)
+        self.device = next(base.parameters()).device
+        self.model = _lora_model(base, cfg)
+        causal_lm = self.model.get_base_model()
+        if cfg.gradient_checkpointing:
+            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            causal_lm.enable_input_require_grads()
+        self.backbone = causal_lm.base_model
+        self.loss_fn = ChunkedLMLoss(causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,
+                                     getattr(causal_lm.config, "final_logit_softcapping", None))
+        use_bf16 = cfg.bf16 if cfg.bf16 is not None else (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+
+        self.batches_per_epoch = batches_per_epoch(self.train_set, batch_size=cfg.batch_size,
+                                                   max_seq_len=cfg.max_seq_len, packing=cfg.packing)
+        steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _cosine_with_warmup(warmup, self.total_steps))
+        self.step = 0
+        self.epoch = 0
+        self.micro_in_epoch = 0  # micro-batches of the current epoch already consumed
+        self.tokens_seen = 0
+        self.checkpoints: list[Path] = []
+        self.resumed_at_step = 0
+        if cfg.resume_from:
+            self._load_state(Path(cfg.resume_from))
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> TrainingResult:
+        from adapters.data import iterate_batches
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = _MetricsLog(self.out / "metrics.jsonl", after_step=self.step)
+        self.model.train()
+        started, tokens_at_start = time.perf_counter(), self.tokens_seen
+        loss = val_loss = None
+        stopped = False
+        while self.step < self.total_steps and self.epoch < cfg.epochs:
+            batches = iterate_batches(self.train_set, batch_size=cfg.batch_size, pad_id=self.pad_id,
+                                      max_seq_len=cfg.max_seq_len, packing=cfg.packing, shuffle=True,
+                                      seed=cfg.seed, epoch=self.epoch)
+            batches = _skip(batches, self.micro_in_epoch)
+            while self.step < self.total_steps:
+                group = _take(batches, cfg.grad_accum)
+                if len(group) < cfg.grad_accum:  # a short tail does not make a step
+                    break
+                self.micro_in_epoch += len(group)
+                loss = self._optimizer_step(group)
+                self.step += 1
+                saved = self._maybe_checkpoint()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    val_loss = self.evaluate()
+                elapsed = time.perf_counter() - started
+                rate = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+                steps_left = self.total_steps - self.step
+                report = TrainingProgress(
+                    step=self.step, total_steps=self.total_steps,
+                    epoch=self.epoch + self.micro_in_epoch / max(1, self.batches_per_epoch),
+                    loss=loss, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
+                    tokens_per_s=rate, eta_s=steps_left * elapsed / max(1, self.step - self.resumed_at_step),
+                    val_loss=val_loss if cfg.eval_every and self.step % cfg.eval_every == 0 else None,
+                    checkpoint=saved,
+                )
+                metrics.write(report)
+                if self.progress is not None and self.progress(report):
+                    stopped = True
+                    break
+            if stopped:
+                break
+            self.epoch += 1
+            self.micro_in_epoch = 0
+            if self.val_set is not None and not cfg.eval_every:
+                val_loss = self.evaluate()
+                metrics.write_eval(self.step, self.epoch, val_loss)
+        if not stopped and self.val_set is not None and val_loss is None:
+            val_loss = self.evaluate()
+        adapter_dir = None if stopped else self._save_adapter()
+        return TrainingResult(adapter_dir=adapter_dir, steps=self.step, trained_tokens=self.tokens_seen,
+                              final_loss=loss, metrics_path=metrics.path, stopped=stopped,
+                              val_loss=val_loss, checkpoints=list(self.checkpoints))
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch.pop("labels")
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            hidden = self.backbone(**batch, use_cache=False).last_hidden_state
+            return self.loss_fn(hidden, labels)
+
+    def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> float:
+        group = [{k: v.to(self.device) for k, v in b.items()} for b in group]
+        n_tokens = sum(supervised_tokens(b["labels"]) for b in group)
+        total = 0.0
+        for batch in group:
+            self.tokens_seen += real_tokens(batch, self.pad_id)
+            loss_sum = self._forward_loss(batch)
+            (loss_sum / max(1, n_tokens)).backward()
+            total += loss_sum.item()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / max(1, n_tokens)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        from adapters.data import iterate_batches
+
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in iterate_batches(self.val_set, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
+                                     max_seq_len=self.cfg.max_seq_len, packing=self.cfg.packing,
+                                     shuffle=False, seed=0, epoch=0):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            count += supervised_tokens(batch["labels"])
+            total += float(self._forward_loss(batch))
+        self.model.train()
+        return total / max(1, count)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> Path | None:
+        every = self.cfg.save_every
+        if not every or self.step % every or self.step == self.total_steps:
+            return None
+        target = self.out / "checkpoints" / f"step-{self.step:06d}"
+        with atomic_directory(target, overwrite=True) as tmp:
+            self.model.save_pretrained(str(tmp), safe_serialization=True)
+            torch.save(self._state(), tmp / STATE_FILE)
+        self.checkpoints.append(target)
+        return target
+
+    def _state(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+            "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": json.dumps(asdict(self.cfg), default=str),
+        }
+
+    def _load_state(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        state_path = ckpt / STATE_FILE
+        if not state_path.exists():
+            raise InputError(f"{ckpt} is not a loramill training checkpoint (no {STATE_FILE})", param="resume_from")
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
+        weights = load_file(str(ckpt / "adapter_model.safetensors"))
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise InputError(f"{ckpt}: checkpoint does not match this run's adapter ({result.unexpected_keys[0]})", param="resume_from")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.micro_in_epoch, self.tokens_seen = state["micro_in_epoch"], state["tokens_seen"]
+        self.resumed_at_step = self.step
+
+    def _save_adapter(self) -> Path:
+        """PEFT's own files, each renamed into `out` so a reader never sees half an adapter."""
+        staging = self.out / f".adapter.tmp-{os.getpid()}"
+        self.model.save_pretrained(str(staging), safe_serialization=True)
+        for name in ("adapter_config.json", "README.md", "adapter_model.safetensors"):
+            if (staging / name).exists():
+                os.replace(staging / name, self.out / name)
+        shutil.rmtree(staging)
+        return self.out
+
+    def close(self) -> None:
+        """Strip the LoRA layers so a cached base model is left as it came."""
+        self.model.unload()
+
+
+class _MetricsLog:
+    """metrics.jsonl, one JSON object per optimizer step (and per evaluation)."""
+
+    def __init__(self, path: Path, after_step: int):
+        self.path = path
+        kept = []
+        if after_step and path.exists():  # resuming: drop what the interrupted run logged later
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write(self, p: TrainingProgress) -> None:
+        record = {k: v for k, v in asdict(p).items() if k not in ("checkpoint", "eta_s", "total_steps")}
+        if p.checkpoint is not None:
+            record["checkpoint"] = p.checkpoint.name
+        self._append(record)
+
+    def write_eval(self, step: int, epoch: int, val_loss: float) -> None:
+        self._append({"step": step, "epoch": epoch, "val_loss": val_loss})
+
+
+def _skip(it: Iterator, n: int) -> Iterator:
+    for _ in range(n):
+        next(it, None)
+    return it
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for _ in range(n):
+        item = next(it, None)
+        if item is None:
+            break
+        out.append(item)
+    return out
+
+
+def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None) -> TrainingResult:
+    """Train a LoRA adapter on `cfg.data` and write it to `cfg.out` in PEFT's layout.
+
+    `base_model`: an already loaded model to reuse (a worker's cache); it is returned to its
+    original state (LoRA layers removed) before this returns.
+    """
+    trainer = LoraTrainer(cfg, progress, base_model)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

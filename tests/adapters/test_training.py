@@ -1,0 +1,154 @@
+"""The LoRA training loop against real peft/transformers on a tiny base."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.errors import InputError
+from adapters.training import LoraTrainer, TrainingConfig, train
+
+SAMPLE = Path(__file__).resolve().parents[2] / "loramill" / "data" / "capitals.jsonl"
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """24 chat samples from the shipped sample set: enough to see learning, fast to train."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:24]))
+    return path
+
+
+@pytest.fixture
+def cfg(llama_base, small_data, tmp_path) -> TrainingConfig:
+    return TrainingConfig(base=str(llama_base), data=str(small_data), out=str(tmp_path / "adapter"),
+                          rank=4, alpha=8, batch_size=4, lr=5e-3, epochs=2, max_seq_len=128,
+                          cache_dir=str(tmp_path / "cache"))
+
+
+def _adapter(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def test_loss_falls_and_peft_loads_the_adapter_with_identical_logits(cfg, llama_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = LoraTrainer(replace(cfg, epochs=4), progress=None, base_model=None)
+    result = trainer.run()
+    losses = [json.loads(line)["loss"] for line in result.metrics_path.read_text().splitlines()]
+    assert len(losses) == result.steps == 24
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+    ids = torch.tensor([[256, 258, 117, 115, 101, 114, 10, 72, 105, 257]])
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.model(input_ids=ids).logits
+    trainer.close()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_base), result.adapter_dir).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+
+
+def test_same_seed_same_adapter_other_seed_differs(cfg, tmp_path):
+    first = train(cfg)
+    second = train(replace(cfg, out=str(tmp_path / "again")))
+    third = train(replace(cfg, out=str(tmp_path / "other"), seed=1))
+    a, b, c = _adapter(first.adapter_dir), _adapter(second.adapter_dir), _adapter(third.adapter_dir)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(cfg, tmp_path):
+    full = train(replace(cfg, save_every=4, dropout=0.1))
+    assert [p.name for p in full.checkpoints] == ["step-000004", "step-000008"]
+    resumed = train(replace(cfg, out=str(tmp_path / "resumed"), save_every=4, dropout=0.1,
+                            resume_from=str(full.checkpoints[0])))
+    assert resumed.steps == full.steps
+    a, b = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in resumed.metrics_path.read_text().splitlines()]
+    assert steps == list(range(5, full.steps + 1))
+
+
+def test_gradient_accumulation_matches_the_large_batch(cfg, tmp_path):
+    big = train(replace(cfg, batch_size=8, epochs=1))
+    accumulated = train(replace(cfg, out=str(tmp_path / "acc"), batch_size=4, grad_accum=2, epochs=1))
+    assert big.steps == accumulated.steps == 3
+    a, b = _adapter(big.adapter_dir), _adapter(accumulated.adapter_dir)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_progress_reports_and_cancellation_stops_without_an_adapter(cfg):
+    seen = []
+
+    def progress(p):
+        seen.append(p)
+        return p.step == 2
+
+    result = train(cfg, progress=progress)
+    assert result.stopped and result.steps == 2 and result.adapter_dir is None
+    assert not (Path(cfg.out) / "adapter_model.safetensors").exists()
+    first = seen[0]
+    assert first.total_steps == 12 and first.tokens_seen > 0 and first.tokens_per_s > 0 and first.lr > 0
+
+
+def test_validation_loss_and_base_model_left_untouched(cfg, llama_base, small_data):
+    from adapters.training import load_base_model
+
+    base = load_base_model(llama_base)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    result = train(replace(cfg, validation=str(small_data), epochs=1), base_model=base)
+    assert result.val_loss is not None and result.val_loss > 0
+    after = base.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gpt2_conv1d_and_rslora_train(make_base, small_data, tmp_path):
+    base = make_base(arch="gpt2", tie_embeddings=True)
+    result = train(TrainingConfig(base=str(base), data=str(small_data), out=str(tmp_path / "a"), rank=4,
+                                  use_rslora=True, batch_size=8, max_steps=2, max_seq_len=128,
+                                  cache_dir=str(tmp_path / "cache")))
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["use_rslora"] and config["fan_in_fan_out"]
+    assert any("c_attn" in k for k in _adapter(result.adapter_dir))
+
+
+def test_packed_training_sees_the_same_real_tokens_in_fewer_steps(cfg, tmp_path):
+    unpacked = train(replace(cfg, epochs=1))
+    packed = train(replace(cfg, out=str(tmp_path / "p"), packing=True, batch_size=2, max_seq_len=256, epochs=1))
+    assert packed.trained_tokens == unpacked.trained_tokens  # padding is never counted
+    assert packed.steps < unpacked.steps and packed.final_loss > 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rank=0), "rank must be positive"),
+        (dict(rank=-3), "rank must be positive"),
+        (dict(rank=4096), "above the maximum"),
+        (dict(targets=("q_proj", "nonexistent_proj")), "unknown target module 'nonexistent_proj'"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(base="/does/not/exist"), "does not exist"),
+    ],
+)
+def test_bad_options_are_refused(cfg, change, message):
+    with pytest.raises(InputError, match=message):
+        train(replace(cfg, **change))
+    assert not (Path(cfg.out) / "adapter_model.safetensors").exists()
+
+
+def test_resume_from_a_directory_that_is_not_a_checkpoint(cfg, tmp_path):
+    with pytest.raises(InputError, match="not a loramill training checkpoint"):
+        train(replace(cfg, resume_from=str(tmp_path)))
