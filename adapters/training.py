@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from adapters.checkpoint import resolve_model_dir, safetensors_files
+from adapters.checkpoint import read_checkpoint, resolve_model_dir, safetensors_files
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
 
@@ -138,7 +138,9 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
     Refuses pickle-only checkpoints before anything is loaded.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # callers report their own progress
     model_dir = resolve_model_dir(base)
     safetensors_files(model_dir)
     device = device or device_for_training()
@@ -147,18 +149,18 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
     return model.to(device)
 
 
-def _target_modules(model, targets: str | tuple[str, ...]) -> str | list[str]:
-    """Check named targets exist as modules of the base; `InputError` naming the unknown ones."""
+def check_targets(model_dir: Path, targets: str | tuple[str, ...]) -> None:
+    """Refuse target modules the base does not have, from the checkpoint headers alone.
+
+    A target matches a module by its last name component (`q_proj`) or its full dotted name.
+    """
     if isinstance(targets, str):
-        return targets
-    names = {name for name, _ in model.named_modules()}
-    leaves = {name.rsplit(".", 1)[-1] for name in names}
-    unknown = [t for t in targets if t not in leaves and t not in names]
+        return
+    modules = {name.rsplit(".", 1)[0] for name in read_checkpoint(model_dir)}
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    unknown = [t for t in targets if t not in leaves and t not in modules]
     if unknown:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if type(m).__name__ in ("Linear", "Conv1D", "Embedding")})
-        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(linear)}", param="targets")
-    return list(targets)
+        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(sorted(leaves))}", param="targets")
 
 
 def _lora_model(base_model, cfg: TrainingConfig):
@@ -169,7 +171,7 @@ def _lora_model(base_model, cfg: TrainingConfig):
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=_target_modules(base_model, cfg.targets),
+        target_modules=cfg.targets if isinstance(cfg.targets, str) else list(cfg.targets),
         use_rslora=cfg.use_rslora,
         fan_in_fan_out=fan_in_fan_out,
         task_type="CAUSAL_LM",
@@ -248,7 +250,7 @@ class LoraTrainer:
         self.progress = progress
         self.out = Path(cfg.out)
         model_dir = resolve_model_dir(cfg.base)
-        safetensors_files(model_dir)
+        check_targets(model_dir, cfg.targets)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
         cache = cfg.cache_dir or os.environ.get("LORAMILL_DATASET_CACHE") or Path.home() / ".cache" / "loramill" / "datasets"
