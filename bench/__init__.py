@@ -1,0 +1,1 @@
+"""Benchmarks: each measures loramill against its peers in the same run."""
