@@ -19,10 +19,12 @@ are identical token for token.
 Packing: samples are placed into rows of at most `max_seq_len` tokens by best-fit decreasing on
 their lengths (independent of the shuffle, so the number of rows is a property of the dataset).
 Each row carries `position_ids` restarting at 0 per sample and a 4D additive `attention_mask`
-`[B, 1, T, T]` (0 where query t may attend key s: same sample and s <= t; float32 min elsewhere).
-Transformers passes a 4D mask to eager and sdpa attention unchanged, whatever `use_cache` is.
-(Its own packed-sequence detection from `position_ids` alone is skipped whenever a cache object
-exists, and Llama/GPT-2 create one by default because `config.use_cache` is true.)
+`[B, 1, T, T]` (0 where query t may attend key s: same sample and s <= t; the dtype's minimum
+elsewhere). Transformers hands a 4D mask to eager and sdpa attention unchanged, whatever
+`use_cache` is. Its own packed-sequence detection from `position_ids` alone (masking_utils
+`find_packed_sequence_indices`) is skipped whenever a cache object exists, and Llama and GPT-2
+create one by default because `config.use_cache` is true, so `position_ids` alone would silently
+let samples attend each other unless every caller passed `use_cache=False`.
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ def validate_jsonl(path: str | Path, config: DataConfig = DataConfig()) -> int:
     """Check every line of a JSONL dataset and return the number of records.
 
     Checks: valid UTF-8 JSON object; exactly one format's keys; field types; roles; weights;
-    each chat has an assistant message with non-empty content and weight 1 or absent. Streams
+    each chat has an assistant message with non-empty content and weight 1 or absent. Other
+    top-level keys (ids, metadata) are ignored; unknown message keys are errors. Streams
     the file (constant memory). Raises DatasetError listing up to `config.max_errors` problems
     with line numbers; an empty file (no records) is an error.
     """
@@ -269,7 +272,7 @@ class _Encoder:
         self.config = config
         self.special_ids = set(tokenizer.all_special_ids)
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+        marked = tokenizer("a", add_special_tokens=True)["input_ids"]  # bos added by the tokenizer?
         bos = tokenizer.bos_token_id
         self.bos = [bos] if bos is not None and marked[:1] == [bos] and plain[:1] != [bos] else []
         self.eos = tokenizer.eos_token_id
@@ -348,7 +351,7 @@ class _Encoder:
                 log.add(lineno, f"chat template failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
                 plans.append(None)
         flat = [s for plan in plans if plan for s in plan]
-        encoded = self.tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+        encoded = self.tok(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
         pos = 0
         for (lineno, fmt, rec), plan in zip(chunk, plans):
             if plan is None:
@@ -571,69 +574,81 @@ def iterate_batches(
     shuffle: bool,
     seed: int,
     epoch: int,
+    start_batch: int = 0,
+    mask_dtype: "torch.dtype | None" = None,
 ) -> Iterator[dict[str, "torch.Tensor"]]:
-    """One epoch of batches, deterministic for (seed, epoch).
+    """One epoch of batches, deterministic for (seed, epoch); int64 tensors unless noted.
 
-    Unpacked: `batch_size` samples right-padded to the longest, `input_ids [B,T]`,
-    `attention_mask [B,T]` (1 real, 0 pad), `labels [B,T]` (-100 at pad); all int64.
-    Packed: `batch_size` rows from `pack_rows` (samples concatenated, right-padded to the longest
-    row), `input_ids`, `labels`, `position_ids [B,T]` (0.. per sample; padding counts as one more
-    sample) and `attention_mask [B,1,T,T]` float32, additive: 0 where query t may attend key s
-    (same sample, s <= t), float32 min elsewhere. Either dict goes to `model(**batch)` as is.
-    Shuffling permutes samples (unpacked) or rows (packed) with a generator seeded by (seed, epoch).
+    Unpacked: `batch_size` samples right-padded to the longest: `input_ids [B,T]`,
+    `attention_mask [B,T]` (1 real, 0 pad), `labels [B,T]` (-100 at pad).
+    Packed: `batch_size` rows of `pack_rows` (samples concatenated, right-padded to the longest
+    row): `input_ids`, `labels`, `position_ids [B,T]` (0, 1, ... per sample; the padding counts
+    as one more sample) and `attention_mask [B,1,T,T]` of `mask_dtype` (default float32; pass the
+    model's compute dtype, e.g. torch.bfloat16, for half-precision attention), additive: 0 where
+    query t may attend key s (same sample and s <= t), the dtype's minimum elsewhere.
+    Either dict goes to `model(**batch)` as is (the model computes the shifted loss from labels);
+    count trained tokens as `(labels != -100).sum()`, not from the mask.
+
+    Shuffling permutes samples (unpacked) or rows (packed) with a generator seeded by
+    (seed, epoch). `start_batch` skips that many batches without building them (resume).
     """
     import torch
 
+    if seed < 0 or epoch < 0 or start_batch < 0:
+        raise InputError(f"seed, epoch and start_batch must be non-negative, got {seed}, {epoch}, {start_batch}", param="seed")
     lengths = _lengths(dataset)
     _check_lengths(lengths, batch_size, max_seq_len)
-    units: list[list[int]] = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
+    units = pack_rows(lengths, max_seq_len) if packing else [[i] for i in range(len(lengths))]
     order = np.random.default_rng([seed, epoch]).permutation(len(units)) if shuffle else np.arange(len(units))
-    for start in range(0, len(units), batch_size):
+    for start in range(start_batch * batch_size, len(units), batch_size):
         rows = [units[u] for u in order[start : start + batch_size].tolist()]
-        flat = [i for row in rows for i in row]
-        ids, labels = _gather(dataset, flat)
-        row_lens = [int(lengths[row].sum()) for row in rows]
-        width = max(row_lens)
-        batch_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        batch_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        ids, labels = _gather(dataset, [i for row in rows for i in row])
         if not packing:
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, (x, y) in enumerate(zip(ids, labels)):
-                batch_ids[r, : len(x)] = torch.from_numpy(x)
-                batch_labels[r, : len(y)] = torch.from_numpy(y)
-                mask[r, : len(x)] = 1
-            yield {"input_ids": batch_ids, "attention_mask": mask, "labels": batch_labels}
+            yield _padded_batch(ids, labels, pad_id)
             continue
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        segments = torch.zeros((len(rows), width), dtype=torch.long)
+        row_ids, row_labels, row_positions, row_segments = [], [], [], []
         k = 0
-        for r, row in enumerate(rows):
-            offset = 0
-            for s in range(len(row)):
-                n = len(ids[k])
-                batch_ids[r, offset : offset + n] = torch.from_numpy(ids[k])
-                batch_labels[r, offset : offset + n] = torch.from_numpy(labels[k])
-                positions[r, offset : offset + n] = torch.arange(n)
-                segments[r, offset : offset + n] = s
-                offset += n
-                k += 1
-            positions[r, offset:] = torch.arange(width - offset)
-            segments[r, offset:] = len(row)
+        for row in rows:
+            lens = [len(x) for x in ids[k : k + len(row)]]
+            row_ids.append(np.concatenate(ids[k : k + len(row)]))
+            row_labels.append(np.concatenate(labels[k : k + len(row)]))
+            row_positions.append(np.concatenate([np.arange(n) for n in lens]))
+            row_segments.append(np.repeat(np.arange(len(row)), lens))
+            k += len(row)
+        batch = _padded_batch(row_ids, row_labels, pad_id)
+        width = batch["input_ids"].shape[1]
+        positions = np.stack([np.concatenate([p, np.arange(width - len(p))]) for p in row_positions])
+        segments = np.stack([np.concatenate([g, np.full(width - len(g), len(row))]) for g, row in zip(row_segments, rows)])
         yield {
-            "input_ids": batch_ids,
-            "position_ids": positions,
-            "attention_mask": block_causal_mask(segments),
-            "labels": batch_labels,
+            "input_ids": batch["input_ids"],
+            "position_ids": torch.from_numpy(positions),
+            "attention_mask": block_causal_mask(torch.from_numpy(segments), mask_dtype or torch.float32),
+            "labels": batch["labels"],
         }
 
 
-def block_causal_mask(segments: "torch.Tensor") -> "torch.Tensor":
-    """`[B,T]` segment ids -> `[B,1,T,T]` float32 additive mask: 0 where key s <= query t in the same segment."""
+def _padded_batch(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int) -> dict[str, "torch.Tensor"]:
+    """Right-pad rows to the longest: input_ids (pad_id), attention_mask (0), labels (-100)."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    batch_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    batch_labels = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for r, (x, y) in enumerate(zip(ids, labels)):
+        batch_ids[r, : len(x)] = x
+        batch_labels[r, : len(y)] = y
+        mask[r, : len(x)] = 1
+    return {"input_ids": torch.from_numpy(batch_ids), "attention_mask": torch.from_numpy(mask), "labels": torch.from_numpy(batch_labels)}
+
+
+def block_causal_mask(segments: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+    """`[B,T]` segment ids -> `[B,1,T,T]` additive mask of `dtype`: 0 where key s <= query t in
+    the same segment, `finfo(dtype).min` elsewhere."""
     import torch
 
     width = segments.shape[1]
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     allowed = (segments[:, :, None] == segments[:, None, :]) & causal
-    mask = torch.zeros(allowed.shape, dtype=torch.float32)
-    mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    return mask[:, None]
+    mask = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype)
+    return mask.masked_fill_(allowed, 0)[:, None]

@@ -144,11 +144,28 @@ def test_pack_rows_best_fit_decreasing():
     assert len(rows) <= 1.02 * lengths.sum() / 512 + 1
 
 
-def test_samples_longer_than_max_seq_len_are_refused(dataset):
+def test_start_batch_resumes_mid_epoch(dataset):
+    for packing in (False, True):
+        full = epoch(dataset, packing=packing, epoch=2)
+        tail = epoch(dataset, packing=packing, epoch=2, start_batch=4)
+        assert len(tail) == len(full) - 4
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(full[4:], tail) for k in x)
+
+
+def test_works_on_a_selected_subset(dataset):
+    subset = dataset.select([5, 0, 17])
+    (batch,) = epoch(subset, packing=False, shuffle=False)
+    assert batch["input_ids"][0, : subset[0]["length"]].tolist() == dataset[5]["input_ids"]
+    assert batches_per_epoch(subset, batch_size=3, max_seq_len=MAX_LEN, packing=False) == 1
+
+
+def test_bad_arguments_are_refused(dataset):
     with pytest.raises(InputError, match="longer than max_seq_len 32; tokenize it with the same max_seq_len"):
         epoch(dataset, max_seq_len=32)
     with pytest.raises(InputError, match="batch_size must be positive"):
         batches_per_epoch(dataset, batch_size=0, max_seq_len=MAX_LEN, packing=True)
+    with pytest.raises(InputError, match="must be non-negative"):
+        epoch(dataset, seed=-1)
 
 
 def per_token_losses(model, batches) -> dict[tuple[int, ...], torch.Tensor]:
@@ -226,3 +243,21 @@ def test_packed_training_step_matches_unpacked_gradients(make_base, dataset):
     g_unpacked = grads(epoch(dataset, packing=False, batch_size=29))
     g_packed = grads(epoch(dataset, packing=True, batch_size=29))
     assert torch.allclose(g_unpacked, g_packed, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bfloat16_model_with_bfloat16_mask(make_base, dataset, attn):
+    """Half precision: the mask in the model's dtype is accepted and keeps samples apart."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_base(arch="llama", dtype="bfloat16"), attn_implementation=attn).eval()
+    packed_batches = epoch(dataset, packing=True, batch_size=29, mask_dtype=torch.bfloat16)
+    assert packed_batches[0]["attention_mask"].dtype == torch.bfloat16
+    packed = per_token_losses(model, packed_batches)
+    unpacked = per_token_losses(model, epoch(dataset, packing=False, batch_size=1))
+    # bf16 keeps ~3 significant digits; different matmul shapes round differently.
+    worst = max((unpacked[s].float() - packed[s].float()).abs().max().item() for s in packed)
+    assert worst < 0.1, worst
+    leaky = [{k: v for k, v in b.items() if k != "attention_mask"} for b in packed_batches]
+    leaked = per_token_losses(model, leaky)
+    assert max((unpacked[s].float() - leaked[s].float()).abs().max().item() for s in leaked) > 0.5
