@@ -6,8 +6,8 @@
 Only A and B train (peft injects them). The loss is the mean cross-entropy over supervised
 tokens (labels != -100) of every micro-batch in an optimizer step, so gradient accumulation gives
 the same update as one big batch. Logits are never materialised for the whole batch: the
-backbone's hidden states at supervised positions go through the LM head in chunks under
-activation checkpointing, so peak memory holds one chunk's `[chunk, vocab]` logits, not
+backbone's hidden states at supervised positions go through the LM head in chunks
+(`adapters.lm_loss`), so peak memory holds one chunk's `[chunk, vocab]` logits, not
 `[batch, seq, vocab]`.
 
 A checkpoint (`<out>/checkpoints/step-NNNNNN/`) holds the adapter, the optimizer, scheduler and
@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from adapters.checkpoint import read_checkpoint, resolve_model_dir, safetensors_files
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
+from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
 
-IGNORE_INDEX = -100
 STATE_FILE = "training_state.pt"
 
 
@@ -192,37 +191,6 @@ def _cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-class ChunkedLMLoss:
-    """Sum of token cross-entropies at supervised positions, logits computed chunk by chunk.
-
-    hidden: [B, T, H] backbone output; labels: [B, T] with -100 where no loss. Position t
-    predicts labels[t+1]. Each chunk's logits [chunk, V] are recomputed in backward (activation
-    checkpointing) instead of being stored.
-    """
-
-    def __init__(self, lm_head: torch.nn.Module, chunk_tokens: int, softcap: float | None):
-        self.lm_head = lm_head
-        self.chunk_tokens = chunk_tokens
-        self.softcap = softcap
-
-    def _chunk(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(h).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        y = labels[:, 1:].reshape(-1)
-        keep = y != IGNORE_INDEX
-        h, y = h[keep], y[keep]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, y.numel(), self.chunk_tokens):
-            hs, ys = h[start:start + self.chunk_tokens], y[start:start + self.chunk_tokens]
-            total = total + checkpoint(self._chunk, hs, ys, use_reentrant=False)
-        return total
-
-
 def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -267,7 +235,7 @@ class LoraTrainer:
             causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             causal_lm.enable_input_require_grads()
         self.backbone = causal_lm.base_model
-        self.loss_fn = ChunkedLMLoss(causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,
+        self.loss_fn = CausalLMLoss(causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,
                                      getattr(causal_lm.config, "final_logit_softcapping", None))
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
