@@ -35,7 +35,9 @@ from adapters.peft_format import (
 from merge.deltas import LoraDelta
 from merge.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from merge.methods import MergeMethod, Svd, make_method
-from merge.tensorio import FLOAT_CODES, OUTPUT_DTYPES, from_float32, is_finite, read_float32, read_raw, to_float32
+from merge.tensorio import (
+    FLOAT_CODES, OUTPUT_DTYPES, all_finite, from_float32, is_finite, read_float32, read_raw, to_float32,
+)
 from merge.writer import Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size
 
 BLOCK_ELEMENTS = 4 * 1024 * 1024  # rows per block: about this many elements (16 MB in float32)
@@ -190,7 +192,7 @@ class _Merger:
             return raw
         values = to_float32(raw, out.source.dtype)
         if not out.tasks:
-            return np.ascontiguousarray(from_float32(values, out.dtype))
+            return from_float32(values, out.dtype)
         tasks = out.tasks
         if self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
             values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
@@ -198,10 +200,10 @@ class _Merger:
             deltas = [loras[id(t)].rows(first, last) if t.lora is not None
                       else self._saved_rows(t.saved, first, last) - values for t in tasks]
             values += self.method.combine(deltas, [t.weight for t in tasks], out.name)
-        if not np.isfinite(values).all():
+        if not all_finite(values):
             raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
-        stored = np.ascontiguousarray(from_float32(values, out.dtype))
-        if not is_finite(stored, out.dtype):
+        stored = from_float32(values, out.dtype)
+        if out.dtype != "F32" and not is_finite(stored, out.dtype):
             raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
         return stored
 
@@ -286,7 +288,7 @@ def _write_svd_adapter(tmp: Path, base: BaseWeights, adapters: list[AdapterInfo]
         kinds = {b.lora.kind for b, _ in items}
         if len(kinds) > 1:
             raise InputError(f"adapters disagree on whether {module!r} is an embedding; cannot combine them")
-        b_new, a_new = method.factor([LoraDelta.load(b).factors() for b, _ in items], [w for _, w in items])
+        b_new, a_new = method.factor([LoraDelta.load(b).factors(b.transposed) for b, _ in items], [w for _, w in items])
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kinds == {"embedding"} else ("lora_A.weight", "lora_B.weight")
         for key, value in ((a_key, a_new), (b_key, b_new)):
             tensors.append((Entry(f"{KEY_PREFIX}{module}.{key}", dtype, value.shape), value))

@@ -41,10 +41,10 @@ def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = 
 
 
 def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as float32 (a fresh array the caller may modify)."""
+    """Stored values as float32; `raw` itself when already float32 (callers own what `read_raw` returns)."""
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=True)
+    return raw.astype(np.float32, copy=False)
 
 
 def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -57,6 +57,12 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
         return (rounded >> 16).astype(np.uint16)
     with np.errstate(over="ignore"):  # overflow to inf is detected by the caller (`is_finite`)
         return values.astype(STORAGE[dtype])
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """True when no float32 value is NaN or infinite: one summation, the element check only if it overflows."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(values.sum(dtype=np.float32))) or bool(np.isfinite(values).all())
 
 
 def is_finite(stored: np.ndarray, dtype: str) -> bool:

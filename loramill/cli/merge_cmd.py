@@ -6,6 +6,7 @@ time of copying the checkpoint.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def _adapter_ref(spec: str):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def merge(base, adapters, out, method, dtype, max_shard_size, density, drop_rate, rank, seed, verify, overwrite) -> None:
     """Merge LoRA adapters into BASE, writing a Hugging Face checkpoint to OUT."""
+    # One BLAS thread: the merge's products are small (rank r), and a second core hashes the output.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from adapters.errors import InputError
     from merge.streaming import AdapterRef, merge_streaming
 

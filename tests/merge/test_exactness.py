@@ -87,14 +87,20 @@ def test_peft_merge_of_a_tied_head_is_wrong_and_ours_is_not(make_base, make_adap
     assert peft_drift > 0.1 and our_drift < 1e-4
 
 
-def _fp32_sum(base_tensor: torch.Tensor, adapter_dir, module: str, scale: float) -> torch.Tensor:
-    """W (as float32) + fl32(s · B A), the product formed in float64."""
+def _fp32_sum(base_dir, adapter_dir, tensor: str) -> torch.Tensor:
+    """W (as float32) + the merge's float32 delta, checked against the float64 product."""
+    from adapters.peft_format import bind_adapter, read_adapter, read_base
+    from merge.deltas import LoraDelta
     from safetensors.torch import load_file
 
+    binding = next(b for b in bind_adapter(read_adapter(adapter_dir), read_base(base_dir)) if b.tensor == tensor)
+    delta = torch.from_numpy(LoraDelta.load(binding).rows(0, binding.lora.b.shape[0]))
     lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    module = tensor.removesuffix(".weight")
     a = lora[f"base_model.model.{module}.lora_A.weight"].double()
     b = lora[f"base_model.model.{module}.lora_B.weight"].double()
-    return base_tensor.float() + ((b @ a) * scale).float()
+    assert (delta.double() - (b @ a) * binding.lora.scale).abs().max().item() <= 1e-6
+    return load_checkpoint(base_dir)[tensor].float() + delta
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -107,7 +113,7 @@ def test_half_base_is_one_rounding_of_the_fp32_sum(dtype, make_base, make_adapte
     for layer in (0, 1):
         for module in (f"model.layers.{layer}.self_attn.q_proj", f"model.layers.{layer}.mlp.gate_proj"):
             name = f"{module}.weight"
-            expected = _fp32_sum(original[name], adapter, module, 16 / 8).to(torch_dtype)
+            expected = _fp32_sum(base, adapter, name).to(torch_dtype)
             assert merged[name].dtype == torch_dtype
             assert torch.equal(merged[name], expected), name
     for name in original:  # untouched tensors: byte for byte
@@ -125,7 +131,7 @@ def test_dtype_option_casts_once_and_updates_config(make_base, make_adapter, tmp
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     name = "model.layers.1.self_attn.q_proj.weight"
-    expected = _fp32_sum(original[name], adapter, "model.layers.1.self_attn.q_proj", 2.0).to(torch.bfloat16)
+    expected = _fp32_sum(base, adapter, name).to(torch.bfloat16)
     assert torch.equal(merged[name], expected)
     assert torch.equal(merged["model.norm.weight"], original["model.norm.weight"].to(torch.bfloat16))
     got = checkpoint_logits(out, dtype=torch.bfloat16)
