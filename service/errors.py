@@ -61,6 +61,11 @@ def install_handlers(app: FastAPI) -> None:
         msg = first.get("msg", "invalid request")
         return _respond(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")
 
+    @app.exception_handler(Exception)
+    async def _server_error(_req: Request, exc: Exception):
+        log.error("unhandled error", exc_info=exc)
+        return _respond(500, "The server had an error while processing your request", "server_error", None, None)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_req: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

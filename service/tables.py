@@ -17,7 +17,7 @@ SeqType = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrement
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON(none_as_null=True), list[Any]: JSON(none_as_null=True)}
 
 
 class Tenant(Base):
@@ -73,7 +73,7 @@ class JobRow(Base):
     hyperparameters: Mapped[dict[str, Any]]
     lora: Mapped[dict[str, Any]]
     method: Mapped[dict[str, Any]]
-    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(24), index=True)
@@ -84,7 +84,7 @@ class JobRow(Base):
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_checkpoint: Mapped[str | None] = mapped_column(Text, nullable=True)  # artifact key
     result_files: Mapped[list[Any]]
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -100,7 +100,7 @@ class JobEventRow(Base):
     level: Mapped[str] = mapped_column(String(8))
     message: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(16))  # "message" | "metrics"
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class CheckpointRow(Base):
@@ -144,7 +144,7 @@ class MergeRow(Base):
     status: Mapped[str] = mapped_column(String(24), index=True)
     files: Mapped[list[Any]]
     storage_key: Mapped[str | None] = mapped_column(Text, nullable=True)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from loramill.settings import Settings, get_settings
 
@@ -57,7 +57,7 @@ def celery_config(settings: Settings) -> dict:
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_queues": (Queue(TRAIN_QUEUE), Queue(MERGE_QUEUE)),
+        "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (TRAIN_QUEUE, MERGE_QUEUE)),
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}, MERGE_TASK: {"queue": MERGE_QUEUE}},
         "worker_hijack_root_logger": False,

@@ -44,6 +44,8 @@ def serve(host: str | None, port: int | None) -> None:
         env = {**os.environ, "LORAMILL_DATA_DIR": str(settings.data_dir.resolve())}
         embedded = subprocess.Popen(worker_command("train,merge", "solo", 1), env=env)
         click.echo(f"embedded worker pid {embedded.pid} on {settings.data_dir.resolve() / 'broker'}", err=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning")
     finally:

@@ -95,6 +95,7 @@ def create_job(body: FineTuningJobCreate, services: ServicesDep, session: Sessio
                  seed=body.seed if body.seed is not None else 0, status="validating_files", cancel_requested=False,
                  result_files=[], created_at=now())
     session.add(job)
+    session.flush()
     add_event(session, job.id, f"Validating training file: {train_file.id}")
     session.commit()
 

@@ -1,0 +1,201 @@
+"""`loramill demo`: the whole product through its HTTP API, as a user would drive it.
+
+make a small base → register it (admin) → upload the sample dataset → create a fine-tuning job →
+follow its events with a progress bar → merge the fine-tuned adapter into the base → download every
+file, checking each sha256 → load the merged checkpoint with plain transformers and compare a
+greedy generation before and after.
+
+With no `--url`, it starts `loramill serve` (embedded: API + worker, no Redis, no PostgreSQL) on a
+free port over the settings' data directory, with a fresh admin key and a fresh tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import httpx
+
+from adapters.errors import InputError
+
+SAMPLE = Path(__file__).resolve().parent.parent / "loramill" / "data" / "capitals.jsonl"
+HYPERPARAMETERS = {"n_epochs": 6, "batch_size": 8, "learning_rate_multiplier": 15, "max_seq_len": 128}
+LORA = {"rank": 16, "alpha": 32}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(data_dir: Path, admin_key: str, port: int) -> subprocess.Popen:
+    env = {**os.environ, "LORAMILL_DATA_DIR": str(data_dir), "LORAMILL_ADMIN_KEY": admin_key}
+    env.pop("LORAMILL_BROKER_URL", None)
+    return subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port", str(port)],
+                            env=env)
+
+
+def wait_ready(url: str, server: subprocess.Popen | None, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            raise click.ClickException(f"server exited with status {server.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise click.ClickException(f"server at {url} not ready after {timeout_s:.0f}s")
+
+
+def checked(response: httpx.Response) -> dict:
+    if response.status_code >= 400:
+        raise click.ClickException(f"{response.request.method} {response.request.url.path}: {response.status_code} "
+                                   f"{response.text[:500]}")
+    return response.json()
+
+
+def poll(client: httpx.Client, path: str, timeout_s: float = 900) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        obj = checked(client.get(path))
+        if obj["status"] in ("succeeded", "failed", "cancelled"):
+            return obj
+        time.sleep(0.5)
+    raise click.ClickException(f"{path} did not finish in {timeout_s:.0f}s")
+
+
+def follow_job(client: httpx.Client, job_id: str) -> dict:
+    """Poll the job's events (newest first, paged with `after`), drive a progress bar, return the finished job."""
+    from tqdm import tqdm
+
+    seen: set[str] = set()
+    bar = tqdm(total=None, desc="training", unit="step")
+    try:
+        while True:
+            job = checked(client.get(f"/v1/fine_tuning/jobs/{job_id}"))
+            events = checked(client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}))["data"]
+            for event in reversed([e for e in events if e["id"] not in seen]):
+                seen.add(event["id"])
+                if event["type"] == "metrics":
+                    bar.total = event["data"]["total_steps"]
+                    bar.n = event["data"]["step"]
+                    bar.set_postfix(loss=f"{event['data']['train_loss']:.3f}")
+                    bar.refresh()
+                else:
+                    bar.write(f"  {event['message']}")
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+    finally:
+        bar.close()
+
+
+def download_merge(client: httpx.Client, merge_id: str, out: Path) -> Path:
+    files = checked(client.get(f"/v1/merges/{merge_id}/files"))["data"]
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in files:
+        digest = hashlib.sha256()
+        with client.stream("GET", f"/v1/merges/{merge_id}/files/{entry['name']}") as response:
+            if response.status_code != 200:
+                raise click.ClickException(f"download of {entry['name']} failed: {response.status_code}")
+            with open(out / entry["name"], "wb") as f:
+                for chunk in response.iter_bytes():
+                    digest.update(chunk)
+                    f.write(chunk)
+        if digest.hexdigest() != entry["sha256"] or response.headers["x-content-sha256"] != entry["sha256"]:
+            raise click.ClickException(f"{entry['name']}: sha256 mismatch after download")
+        click.echo(f"  {entry['name']}: {entry['bytes']} bytes, sha256 {entry['sha256'][:16]}… ok")
+    return out
+
+
+def generate(model_dir: Path, prompt: str) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
+    from adapters.basemodel import BaseModelSpec, create_base_model
+    from loramill.settings import get_settings
+
+    settings = get_settings()
+    data_dir = settings.data_dir.resolve()
+    out_dir = Path(out).resolve() if out else data_dir / "demo"
+    run = secrets.token_hex(3)
+    server = None
+    if url is None:
+        from service.auth import create_tenant
+        from service.db import database, migrate
+
+        migrate(settings.resolved_database_url)
+        with database(settings.resolved_database_url).sessions() as session:
+            _, api_key = create_tenant(session, f"demo-{run}")
+        admin_key = secrets.token_urlsafe(24)
+        port = free_port()
+        click.echo(f"starting loramill serve on 127.0.0.1:{port} (data dir {data_dir})")
+        server = start_server(data_dir, admin_key, port)
+        url = f"http://127.0.0.1:{port}"
+    elif not (api_key and admin_key):
+        raise InputError("--url needs --api-key (a tenant's key) and --admin-key", param="url")
+    try:
+        wait_ready(url, server)
+        _flow(url, api_key, admin_key, out_dir, run, create_base_model, BaseModelSpec)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+def _flow(url, api_key, admin_key, out_dir: Path, run: str, create_base_model, BaseModelSpec) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+        base_dir = out_dir / "base"
+        if not (base_dir / "config.json").exists():
+            create_base_model(base_dir, BaseModelSpec())
+        base_name = f"demo-llama-{run}"
+        checked(client.post("/v1/models", json={"name": base_name, "path": str(base_dir)},
+                            headers={"Authorization": f"Bearer {admin_key}"}))
+        click.echo(f"1. registered base model {base_name}")
+        with open(SAMPLE, "rb") as f:
+            upload = checked(client.post("/v1/files", data={"purpose": "fine-tune"},
+                                         files={"file": (SAMPLE.name, f, "application/jsonl")}))
+        click.echo(f"2. uploaded {upload['filename']} as {upload['id']} ({upload['bytes']} bytes)")
+        job = checked(client.post("/v1/fine_tuning/jobs", json={
+            "model": base_name, "training_file": upload["id"], "suffix": "capitals",
+            "hyperparameters": HYPERPARAMETERS, "lora": LORA, "seed": 0}))
+        click.echo(f"3. created fine-tuning job {job['id']} ({job['status']})")
+        job = follow_job(client, job["id"])
+        if job["status"] != "succeeded":
+            raise click.ClickException(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
+        click.echo(f"4. job succeeded: {job['fine_tuned_model']} ({job['trained_tokens']} tokens)")
+        merge = checked(client.post("/v1/merges", json={"base_model": base_name,
+                                                       "adapters": [{"adapter": job["fine_tuned_model"], "weight": 1.0}]}))
+        merge = poll(client, f"/v1/merges/{merge['id']}")
+        if merge["status"] != "succeeded":
+            raise click.ClickException(f"merge {merge['id']} {merge['status']}: {json.dumps(merge['error'])}")
+        click.echo(f"5. merge {merge['id']} succeeded; downloading")
+        merged = download_merge(client, merge["id"], out_dir / "merged" / merge["id"])
+    prompt = "What is the capital of France?"
+    click.echo(f"6. generation for {prompt!r}")
+    click.echo(f"   before: {generate(base_dir, prompt)!r}")
+    click.echo(f"   after:  {generate(merged, prompt)!r}")
+    click.echo(f"merged checkpoint: {merged}")
