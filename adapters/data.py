@@ -647,8 +647,7 @@ def block_causal_mask(segments: "torch.Tensor", dtype: "torch.dtype") -> "torch.
     the same segment, `finfo(dtype).min` elsewhere."""
     import torch
 
-    width = segments.shape[1]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal
-    mask = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype)
-    return mask.masked_fill_(allowed, 0)[:, None]
+    small = segments.to(torch.int32)
+    allowed = (small[:, :, None] == small[:, None, :]).tril_()
+    keep, drop = torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, keep, drop)[:, None]

@@ -168,12 +168,12 @@ def test_bad_arguments_are_refused(dataset):
         epoch(dataset, seed=-1)
 
 
-def per_token_losses(model, batches) -> dict[tuple[int, ...], torch.Tensor]:
+def per_token_losses(model, batches, **forward_kwargs) -> dict[tuple[int, ...], torch.Tensor]:
     """Per supervised token cross-entropy of each sample, found by its tokens in the batch."""
     out = {}
     with torch.no_grad():
         for b in batches:
-            logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+            logits = model(**{k: v for k, v in b.items() if k != "labels"}, **forward_kwargs).logits
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100, reduction="none"
             )
@@ -210,10 +210,15 @@ def test_packed_and_unpacked_give_the_same_per_token_loss(make_base, dataset, ar
     total = sum(int((b["labels"] != -100).sum()) for b in packed_batches)
     assert sum(len(v) for v in packed.values()) == total
 
-    # The 4D mask is what keeps samples apart: without it the losses differ.
+    # The 4D mask is what keeps samples apart: with position_ids alone and the default
+    # use_cache=True, transformers skips its packed-sequence detection and samples leak.
     leaky = [{k: v for k, v in b.items() if k != "attention_mask"} for b in packed_batches]
     leaked = per_token_losses(model, leaky)
     assert max((unpacked[s] - leaked[s]).abs().max().item() for s in leaked) > 1e-2
+    # With use_cache=False transformers detects the packing from position_ids and is exact too
+    # (the on-device alternative for long rows: drop attention_mask, pass use_cache=False).
+    detected = per_token_losses(model, leaky, use_cache=False)
+    assert max((unpacked[s] - detected[s]).abs().max().item() for s in detected) < 1e-5
 
     # The decoder backbone takes the same batch and gives the same hidden states per sample.
     b = packed_batches[0]
