@@ -272,8 +272,8 @@ class LoraTrainer:
         while self.step < self.total_steps and self.epoch < cfg.epochs:
             batches = iterate_batches(self.train_set, batch_size=cfg.batch_size, pad_id=self.pad_id,
                                       max_seq_len=cfg.max_seq_len, packing=cfg.packing, shuffle=True,
-                                      seed=cfg.seed, epoch=self.epoch)
-            batches = _skip(batches, self.micro_in_epoch)
+                                      seed=cfg.seed, epoch=self.epoch, start_batch=self.micro_in_epoch,
+                                      mask_dtype=self.autocast_dtype)
             while self.step < self.total_steps:
                 group = _take(batches, cfg.grad_accum)
                 if len(group) < cfg.grad_accum:  # a short tail does not make a step
@@ -343,7 +343,7 @@ class LoraTrainer:
         total, count = 0.0, 0
         for batch in iterate_batches(self.val_set, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
                                      max_seq_len=self.cfg.max_seq_len, packing=self.cfg.packing,
-                                     shuffle=False, seed=0, epoch=0):
+                                     shuffle=False, seed=0, epoch=0, mask_dtype=self.autocast_dtype):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             count += supervised_tokens(batch["labels"])
             total += float(self._forward_loss(batch))
@@ -431,12 +431,6 @@ class _MetricsLog:
 
     def write_eval(self, step: int, epoch: int, val_loss: float) -> None:
         self._append({"step": step, "epoch": epoch, "val_loss": val_loss})
-
-
-def _skip(it: Iterator, n: int) -> Iterator:
-    for _ in range(n):
-        next(it, None)
-    return it
 
 
 def _take(it: Iterator, n: int) -> list:
