@@ -446,7 +446,9 @@ def _write_samples(path: Path, tokenizer, config: DataConfig, out: Path) -> int:
     return count
 
 
-def tokenize_jsonl(path: str | Path, tokenizer, config: DataConfig = DataConfig(), cache_dir: str | Path | None = None):
+def tokenize_jsonl(
+    path: str | Path, tokenizer, config: DataConfig = DataConfig(), cache_dir: str | Path | None = None
+) -> "datasets.Dataset":
     """Validate and tokenize a JSONL dataset into a memory-mapped `datasets.Dataset`.
 
     Columns: `input_ids: list[int32]`, `labels: list[int32]` (same length, -100 where no loss),
@@ -494,7 +496,7 @@ def tokenize_jsonl(path: str | Path, tokenizer, config: DataConfig = DataConfig(
 # Batches
 
 
-def _lengths(dataset) -> np.ndarray:
+def _lengths(dataset: "datasets.Dataset") -> np.ndarray:
     return dataset.with_format("arrow")["length"].to_numpy().astype(np.int64)
 
 
@@ -544,7 +546,7 @@ def pack_rows(lengths: np.ndarray, max_seq_len: int) -> list[list[int]]:
     return rows
 
 
-def batches_per_epoch(dataset, *, batch_size: int, max_seq_len: int, packing: bool) -> int:
+def batches_per_epoch(dataset: "datasets.Dataset", *, batch_size: int, max_seq_len: int, packing: bool) -> int:
     """Number of batches `iterate_batches` yields per epoch (the last one may be smaller)."""
     lengths = _lengths(dataset)
     _check_lengths(lengths, batch_size, max_seq_len)
@@ -552,7 +554,7 @@ def batches_per_epoch(dataset, *, batch_size: int, max_seq_len: int, packing: bo
     return math.ceil(units / batch_size)
 
 
-def _gather(dataset, indices: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _gather(dataset: "datasets.Dataset", indices: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """input_ids and labels of `indices`, as int64 arrays, in that order."""
     table = dataset.with_format("arrow")[indices]
     out = []
@@ -565,7 +567,7 @@ def _gather(dataset, indices: list[int]) -> tuple[list[np.ndarray], list[np.ndar
 
 
 def iterate_batches(
-    dataset,
+    dataset: "datasets.Dataset",
     *,
     batch_size: int,
     pad_id: int,
