@@ -8,13 +8,15 @@ the model. One adapter per base (rank 16 on every attention and MLP projection) 
 real PEFT. Each command runs as its own process, page cache warm (one untimed `cp` first);
 wall time is measured around the process, peak anonymous memory by sampling `RssAnon` in
 `/proc/PID/status` (mmap'd file pages would inflate VmHWM). Reported: medians over --repeat,
-and ratios against the peers measured in the same run.
+and ratios against the peers measured in the same run. Runs are interleaved (cp, loramill,
+PEFT, cp, ...) so load from other processes on the machine hits every peer alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -70,7 +72,11 @@ class Run:
 
 
 def run_measured(cmd: list[str]) -> Run:
-    """Run `cmd`, sampling its RssAnon every 2 ms; wall time around the whole process."""
+    """Run `cmd`, sampling its RssAnon every 2 ms; wall time around the whole process.
+
+    Pending writeback is flushed first (`sync`, not timed) so no run pays for an earlier one's.
+    """
+    os.sync()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status = Path(f"/proc/{proc.pid}/status")

@@ -32,7 +32,7 @@ from adapters.errors import InputError
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """Base class: `combine(deltas, weights, tensor)` -> combined delta."""
+    """Base class: `combine(deltas, weights, tensor)` -> combined delta (may reuse the `deltas` arrays)."""
 
     name: ClassVar[str]
     elementwise: ClassVar[bool] = False  # may run on row blocks of a tensor
@@ -48,9 +48,12 @@ class MergeMethod:
 
 
 def _weighted_sum(deltas: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    total = deltas[0] * np.float32(weights[0])
+    """`Σ wᵢ Δᵢ` in float32, accumulated in place in `deltas[0]` (callers hand over their deltas)."""
+    total = deltas[0]
+    if weights[0] != 1.0:
+        total *= np.float32(weights[0])
     for delta, weight in zip(deltas[1:], weights[1:]):
-        total += delta * np.float32(weight)
+        total += delta if weight == 1.0 else delta * np.float32(weight)
     return total
 
 
@@ -68,7 +71,7 @@ def _trim(delta: np.ndarray, density: float) -> np.ndarray:
 
 def _elect_and_mean(tasks: list[np.ndarray]) -> np.ndarray:
     """TIES' sign election and disjoint mean over (already trimmed, weighted) task vectors."""
-    elected_positive = _weighted_sum(tasks, [1.0] * len(tasks)) >= 0
+    elected_positive = _weighted_sum([tasks[0].copy(), *tasks[1:]], [1.0] * len(tasks)) >= 0
     total = np.zeros_like(tasks[0])
     count = np.zeros(tasks[0].shape, dtype=np.float32)
     for task in tasks:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import re
 import struct
@@ -84,13 +85,15 @@ class FileRecord:
 class HashingFile:
     """A binary file written sequentially while a thread computes its sha256.
 
-    `close()` closes the file; `record()` waits for the hash. Buffers passed to `write` must
-    not change afterwards (they are hashed asynchronously).
+    `write(buffer)` writes user-space bytes; `copy_range(fd, offset, view)` has the kernel copy
+    `len(view)` bytes from another file (`copy_file_range`, like `cp`) while the thread hashes
+    `view`, a memory map of the same bytes. `close()` closes the file; `record()` waits for the
+    hash. Buffers passed in must not change afterwards (they are hashed asynchronously).
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb", buffering=0)
         self._size = 0
         self._hash = hashlib.sha256()
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -103,7 +106,19 @@ class HashingFile:
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
-        self._file.write(view)
+        done = 0
+        while done < view.nbytes:
+            done += self._file.write(view[done:])
+        self._size += view.nbytes
+        self._queue.put(view)
+
+    def copy_range(self, src_fd: int, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < view.nbytes:
+            copied = os.copy_file_range(src_fd, self._file.fileno(), view.nbytes - done, offset + done)
+            if copied == 0:
+                raise InputError(f"{self.path.name}: source ended early while copying")
+            done += copied
         self._size += view.nbytes
         self._queue.put(view)
 
