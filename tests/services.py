@@ -1,0 +1,122 @@
+"""Real Redis and PostgreSQL for tests: check they answer, start them if not (a fresh CI machine).
+
+The start commands are the ones in design.md "Services on these machines". Each test session
+gets its own PostgreSQL database (`loramill_test_<random>`, dropped afterwards) and an empty
+Redis database number, so parallel runs don't collide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import httpx
+
+REDIS = ("127.0.0.1", 6379)
+POSTGRES = ("127.0.0.1", 5432)
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _answers(addr: tuple[str, int]) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(addr, timeout=1):
+        return True
+    return False
+
+
+def _wait(addr: tuple[str, int], what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _answers(addr):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not come up on {addr[0]}:{addr[1]}")
+
+
+def ensure_redis() -> None:
+    if not _answers(REDIS):
+        os.makedirs("/var/lib/redis", exist_ok=True)
+        os.makedirs("/var/log/redis", exist_ok=True)
+        subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
+                        "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"], check=True)
+        _wait(REDIS, "redis")
+
+
+def ensure_postgres() -> None:
+    if not _answers(POSTGRES):
+        (version,) = [os.path.basename(p) for p in glob.glob("/etc/postgresql/*")]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=True)
+        _wait(POSTGRES, "postgresql")
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database for this session; yields its SQLAlchemy URL and drops it at the end."""
+    from sqlalchemy import create_engine, text
+
+    ensure_postgres()
+    name = f"loramill_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        from service.db import _databases
+
+        for url in [u for u in _databases if u.endswith(f"/{name}")]:
+            _databases.pop(url).engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def free_redis_url() -> str:
+    """A URL for an empty Redis database number (1-15), claimed with a marker key."""
+    import redis
+
+    ensure_redis()
+    for db in secrets.SystemRandom().sample(range(1, 16), 15):
+        client = redis.Redis(host=REDIS[0], port=REDIS[1], db=db)
+        if client.dbsize() == 0 and client.set("loramill-test-claim", "1", nx=True, ex=3600):
+            return f"redis://{REDIS[0]}:{REDIS[1]}/{db}"
+    raise RuntimeError("no empty Redis database number left")
+
+
+def release_redis(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout_s}s")
+
+
+def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
