@@ -248,3 +248,17 @@ def test_real_process_exit_status(llama, tmp_path):
     done = subprocess.run([LORAMILL, "merge", "--base", str(base), "--adapter", f"{adapter}:x", "--out", str(out)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: adapter weight 'x' in --adapter {adapter}:x is not a number"]
+
+
+@pytest.mark.parametrize("args,dtype,exact", [
+    (["--dtype", "bfloat16"], "bfloat16", True),
+    (["--method", "svd", "--rank", "4"], "float32", True),
+    (["--method", "svd", "--rank", "1"], "float32", False),
+])
+def test_verify_tolerance_per_dtype_and_method(llama, tmp_path, args, dtype, exact):
+    base, adapter = llama
+    out = tmp_path / "merged"
+    result = _merge("--base", str(base), "--adapter", str(adapter), "--out", str(out), "--verify", *args)
+    assert result.exit_code == 0, result.output
+    assert f"({dtype}, " in result.stdout
+    assert ("inexact method, no tolerance" in result.stdout) is not exact
