@@ -47,7 +47,7 @@ def run_merge_job(ctx: WorkerContext, merge_id: str) -> str:
         result = merge_streaming(base.path, refs, ctx.artifacts.local_path(key), method=opts["method"], dtype=opts["dtype"],
                                  max_shard_size=opts["max_shard_size"], density=opts["density"],
                                  drop_rate=opts["drop_rate"], rank=opts["rank"], seed=opts["seed"], overwrite=True)
-        files = [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in result.manifest["files"]]
+        files = [{"name": f["name"], "bytes": f["size"], "sha256": f["sha256"]} for f in result.manifest["files"]]
         manifest = result.out_dir / MANIFEST
         if manifest.exists() and all(f["name"] != MANIFEST for f in files):
             files.append({"name": MANIFEST, "bytes": manifest.stat().st_size,
