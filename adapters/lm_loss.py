@@ -37,7 +37,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 z = t * softcap
             lse = torch.logsumexp(z, dim=-1)
             total += (lse - z.gather(1, ys[:, None]).squeeze(1)).sum()
-            g = torch.exp(z.sub_(lse[:, None]))  # softmax, in place of z
+            g = z.sub_(lse[:, None]).exp_()  # softmax, in place of z
             g[torch.arange(ys.numel(), device=g.device), ys] -= 1.0
             if softcap:
                 g *= 1.0 - t * t

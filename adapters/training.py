@@ -66,7 +66,7 @@ class TrainingConfig:
     resume_from: str | None = None
     bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA)
     gradient_checkpointing: bool = False
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 512
     max_rank: int = 1024
     cache_dir: str | None = None
 
