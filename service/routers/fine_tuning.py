@@ -1,9 +1,9 @@
 """`/v1/fine_tuning/jobs`: OpenAI's fine-tuning API, training LoRA adapters.
 
 Create: every reference and option is checked first (unknown or other tenants' files and models,
-ranks above `max_rank`, target modules the base lacks → 4xx, nothing stored). Then the job row is
-committed as `validating_files`, its dataset is validated for the job's `max_seq_len`, it moves
-to `queued` (or `failed`, with OpenAI's `error` object) and only then is its task enqueued.
+ranks above `max_rank`, target modules the base lacks → 4xx, nothing stored). Datasets were
+validated line by line when uploaded, so file validation (`validating_files`) completes within
+the request: the job row is committed as `queued`, and only then is its task enqueued.
 
 "auto" hyperparameters resolve to: n_epochs 3 (1 above 1000 records), batch_size min(8, records),
 learning_rate_multiplier 1.0 (the learning rate is 2e-4 × the multiplier).
@@ -17,7 +17,6 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from adapters.errors import InputError
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
 from service.ids import new_id
@@ -92,47 +91,22 @@ def create_job(body: FineTuningJobCreate, services: ServicesDep, session: Sessio
     job = JobRow(id=new_id("ftjob"), tenant_id=tenant.id, model=base.name, training_file=train_file.id,
                  validation_file=val_file.id if val_file else None, hyperparameters=hp, lora=lora,
                  method={"type": "supervised"}, metadata_=body.metadata, suffix=body.suffix,
-                 seed=body.seed if body.seed is not None else 0, status="validating_files", cancel_requested=False,
+                 seed=body.seed if body.seed is not None else 0, status="queued", cancel_requested=False,
                  result_files=[], created_at=now())
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Validating training file: {train_file.id}")
-    session.commit()
-
-    if _validate_datasets(services, session, job, [(train_file, "training_file"), (val_file, "validation_file")]):
-        move(session, JobRow, job.id, ("validating_files",), "queued")
-        add_event(session, job.id, "Files validated, moving job to queued state")
+    add_event(session, job.id, "Files validated, moving job to queued state")
+    session.commit()  # the row exists before its task can run
+    try:
+        services.queue.enqueue_training(job.id)
+    except Exception as exc:  # noqa: BLE001 — any broker failure: the job cannot run
+        log.exception("enqueue of %s failed", job.id)
+        move(session, JobRow, job.id, ("queued",), "failed",
+             error={"code": "broker_unavailable", "message": f"could not enqueue the job: {exc}", "param": None})
         session.commit()
-        try:
-            services.queue.enqueue_training(job.id)
-        except Exception as exc:  # noqa: BLE001 — any broker failure: the job cannot run
-            log.exception("enqueue of %s failed", job.id)
-            move(session, JobRow, job.id, ("queued",), "failed",
-                 error={"code": "broker_unavailable", "message": f"could not enqueue the job: {exc}", "param": None})
-            session.commit()
-            raise APIError(503, "The job queue is unavailable; the job was marked failed", code="broker_unavailable") from exc
-    session.refresh(job)
+        raise APIError(503, "The job queue is unavailable; the job was marked failed", code="broker_unavailable") from exc
     return job_object(job)
-
-
-def _validate_datasets(services, session, job: JobRow, files) -> bool:
-    from adapters.data import DataConfig, validate_jsonl
-
-    config = DataConfig(max_seq_len=job.hyperparameters["max_seq_len"])
-    for row, param in files:
-        if row is None:
-            continue
-        try:
-            validate_jsonl(services.artifacts.local_path(row.storage_key), config)
-        except InputError as exc:
-            message = f"{row.id}: {exc}".replace(f"{services.artifacts.local_path(row.storage_key)}: ", "")
-            code = "invalid_training_file" if param == "training_file" else "invalid_validation_file"
-            move(session, JobRow, job.id, ("validating_files",), "failed",
-                 error={"code": code, "message": message, "param": param})
-            add_event(session, job.id, message, level="error")
-            session.commit()
-            return False
-    return True
 
 
 @router.get("")

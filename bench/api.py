@@ -1,0 +1,102 @@
+"""Job-creation latency at a fixed request rate on loopback.
+
+    python bench/api.py [--rate 100] [--seconds 10] [--database-url URL] [--broker-url URL]
+
+Starts the API (uvicorn, one process) over a temporary data directory with the real broker
+(Redis by default: an empty Redis database number) and, unless `--database-url` is given, SQLite.
+Makes a tenant, a tiny base model and a training file, then sends `POST /v1/fine_tuning/jobs`
+open-loop at `--rate` requests/s (request i is sent at t0 + i/rate whatever earlier ones are
+doing, so a slow server cannot slow the clock) and prints p50/p90/p99/max latency. Nothing
+consumes the queue: this measures submission (auth, checks, one commit, enqueue), not training.
+Target (design.md): p99 < 50 ms at 100 requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.services import free_port, free_redis_url, release_redis, stop, wait_http  # noqa: E402
+
+
+async def fire(url: str, key: str, body: dict, rate: float, seconds: float) -> tuple[list[float], int]:
+    n = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, limits=limits, timeout=30) as client:
+        for _ in range(10):  # warm connections and code paths
+            await client.post("/v1/fine_tuning/jobs", json=body)
+
+        async def one(at: float) -> None:
+            nonlocal errors
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            start = time.perf_counter()
+            try:
+                ok = (await client.post("/v1/fine_tuning/jobs", json=body)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
+
+        t0 = time.perf_counter() + 0.2
+        await asyncio.gather(*(one(t0 + i / rate) for i in range(n)))
+    return latencies, errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--database-url", default=None)
+    parser.add_argument("--api-workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--broker-url", default=None, help="default: an empty database number of the local Redis")
+    args = parser.parse_args()
+
+    broker = args.broker_url or free_redis_url()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "LORAMILL_DATA_DIR": f"{tmp}/data", "LORAMILL_BROKER_URL": broker, "LORAMILL_ADMIN_KEY": "bench"}
+        if args.database_url:
+            env["LORAMILL_DATABASE_URL"] = args.database_url
+        run = lambda *a: subprocess.run([sys.executable, "-c", "from loramill.cli import main; main()", *a],  # noqa: E731
+                                        env=env, check=True, capture_output=True, text=True).stdout.strip()
+        key = run("tenant", "create", f"bench-{os.getpid()}")
+        run("base", "create", f"{tmp}/base")
+        run("model", "add", "tiny", f"{tmp}/base")
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port),
+                                   "--log-level", "warning", "--no-access-log",
+                                   "--workers", str(args.api_workers)], env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{url}/readyz", server)
+            lines = "".join('{"prompt": "%d + 1 =", "completion": " %d"}\n' % (i, i + 1) for i in range(32))
+            uploaded = httpx.post(f"{url}/v1/files", headers={"Authorization": f"Bearer {key}"}, data={"purpose": "fine-tune"},
+                                  files={"file": ("train.jsonl", lines.encode())}).json()
+            body = {"model": "tiny", "training_file": uploaded["id"], "hyperparameters": {"n_epochs": 1}}
+            latencies, errors = asyncio.run(fire(url, key, body, args.rate, args.seconds))
+        finally:
+            stop(server)
+            if not args.broker_url:
+                release_redis(broker)
+    ms = sorted(x * 1000 for x in latencies)
+    pct = lambda p: ms[min(len(ms) - 1, int(p / 100 * len(ms)))]  # noqa: E731
+    db = "postgresql" if args.database_url and args.database_url.startswith("postgres") else "sqlite"
+    print(f"job creation at {args.rate:.0f} req/s for {args.seconds:.0f}s ({len(ms)} requests, {errors} errors; "
+          f"broker {broker.split('://')[0]}, database {db}, {args.api_workers} API process(es))")
+    print(f"  p50 {pct(50):.1f} ms   p90 {pct(90):.1f} ms   p99 {pct(99):.1f} ms   max {ms[-1]:.1f} ms   mean {statistics.mean(ms):.1f} ms")
+    print(f"  target p99 < 50 ms: {'met' if pct(99) < 50 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
