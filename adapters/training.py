@@ -32,7 +32,6 @@ from adapters.checkpoint import read_checkpoint, resolve_model_dir, safetensors_
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
-from adapters.memory import return_large_frees_to_the_os
 
 STATE_FILE = "training_state.pt"
 
@@ -450,7 +449,6 @@ def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_mo
     `base_model`: an already loaded model to reuse (a worker's cache); it is returned to its
     original state (LoRA layers removed) before this returns.
     """
-    return_large_frees_to_the_os()
     trainer = LoraTrainer(cfg, progress, base_model)
     try:
         return trainer.run()
