@@ -145,3 +145,19 @@ def read_config(model_dir: Path) -> dict:
         raise InputError(f"{model_dir}: no config.json") from exc
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON: {exc}") from exc
+
+
+def check_target_modules(model_dir: Path, targets: str | tuple[str, ...] | list[str]) -> None:
+    """Refuse LoRA target modules the base does not have, from the checkpoint headers alone.
+
+    `targets` is "all-linear" (always fine) or module names; a name matches a module by its last
+    dotted component (`q_proj`) or its full name (`model.layers.0.self_attn.q_proj`).
+    """
+    if isinstance(targets, str):
+        return
+    modules = {name.rsplit(".", 1)[0] for name in read_checkpoint(model_dir)}
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    unknown = [t for t in targets if t not in leaves and t not in modules]
+    if unknown:
+        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(sorted(leaves))}",
+                         param="targets", code="invalid_value")

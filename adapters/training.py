@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from adapters.checkpoint import read_checkpoint, resolve_model_dir, safetensors_files
+from adapters.checkpoint import check_target_modules, resolve_model_dir, safetensors_files
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
@@ -148,20 +148,6 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
     return model.to(device)
 
 
-def check_targets(model_dir: Path, targets: str | tuple[str, ...]) -> None:
-    """Refuse target modules the base does not have, from the checkpoint headers alone.
-
-    A target matches a module by its last name component (`q_proj`) or its full dotted name.
-    """
-    if isinstance(targets, str):
-        return
-    modules = {name.rsplit(".", 1)[0] for name in read_checkpoint(model_dir)}
-    leaves = {m.rsplit(".", 1)[-1] for m in modules}
-    unknown = [t for t in targets if t not in leaves and t not in modules]
-    if unknown:
-        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(sorted(leaves))}", param="targets")
-
-
 def _lora_model(base_model, cfg: TrainingConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -218,7 +204,7 @@ class LoraTrainer:
         self.progress = progress
         self.out = Path(cfg.out)
         model_dir = resolve_model_dir(cfg.base)
-        check_targets(model_dir, cfg.targets)
+        check_target_modules(model_dir, cfg.targets)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
         cache = cfg.cache_dir or os.environ.get("LORAMILL_DATASET_CACHE") or Path.home() / ".cache" / "loramill" / "datasets"

@@ -17,6 +17,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
+from adapters.errors import InputError
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
 from service.ids import new_id
@@ -53,18 +54,16 @@ def _hyperparameters(body: FineTuningJobCreate) -> Hyperparameters:
 
 
 def _lora(body: FineTuningJobCreate, base_path: str, max_rank: int) -> dict:
-    from adapters.checkpoint import read_checkpoint, resolve_model_dir
+    from adapters.checkpoint import check_target_modules, resolve_model_dir
 
     lora = body.lora or LoraOptions()
     if lora.rank > max_rank:
         raise APIError(400, f"lora.rank {lora.rank} is above the maximum rank {max_rank}", param="lora.rank",
                        code="rank_too_large")
-    if isinstance(lora.target_modules, list):
-        modules = {part for name in read_checkpoint(resolve_model_dir(base_path)) for part in name.split(".")}
-        missing = [m for m in lora.target_modules if m not in modules]
-        if missing:
-            raise APIError(400, f"lora.target_modules: the base model has no module named {missing[0]!r}",
-                           param="lora.target_modules", code="invalid_value")
+    try:
+        check_target_modules(resolve_model_dir(base_path), lora.target_modules)
+    except InputError as exc:
+        raise APIError(400, f"lora.target_modules: {exc}", param="lora.target_modules", code="invalid_value") from exc
     values = lora.model_dump()
     values["alpha"] = values["alpha"] if values["alpha"] is not None else 2 * lora.rank
     return values
