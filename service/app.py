@@ -14,7 +14,7 @@ from service.artifacts import LocalArtifactStore
 from service.db import database, migrate
 from service.deps import Services
 from service.errors import install_handlers
-from service.metrics import metrics_registry, timing_middleware
+from service.metrics import TimingMiddleware, metrics_registry
 from service.queue import JobQueue
 from service.routers import adapters, files, fine_tuning, health, merges, models
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loramill", version="0.1.0")
     app.state.services = build_services(settings)
     app.state.metrics_registry, http = metrics_registry(app.state.services)
-    app.middleware("http")(timing_middleware(http))
+    app.add_middleware(TimingMiddleware, histogram=http)
     install_handlers(app)
     for module in (files, fine_tuning, adapters, merges, models, health):
         app.include_router(module.router)

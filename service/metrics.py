@@ -68,13 +68,26 @@ def metrics_registry(services) -> tuple[CollectorRegistry, Histogram]:
     return registry, http
 
 
-def timing_middleware(http: Histogram):
-    async def middleware(request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        http.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
-            time.perf_counter() - start)
-        return response
+class TimingMiddleware:
+    """Request latency by method, route template and status, as a pure ASGI middleware
+    (Starlette's `BaseHTTPMiddleware` runs each request through an extra task and memory stream)."""
 
-    return middleware
+    def __init__(self, app, histogram: Histogram):
+        self.app, self.histogram = app, histogram
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.histogram.labels(scope["method"], route, str(status)).observe(time.perf_counter() - start)

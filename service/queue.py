@@ -1,4 +1,9 @@
-"""Enqueueing jobs from the API: sends Celery tasks by name, so the API never imports torch."""
+"""Enqueueing jobs from the API: sends Celery tasks by name, so the API never imports torch.
+
+Job state lives in the job store, so tasks are sent with `ignore_result=True`: otherwise
+Celery's Redis result backend subscribes to a result channel for every task sent (a pub/sub
+round trip per request), whatever `task_ignore_result` says.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,10 @@ class JobQueue:
         self.celery: Celery = create_celery(settings)
 
     def enqueue_training(self, job_id: str) -> None:
-        self.celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE)
+        self.celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE, ignore_result=True)
 
     def enqueue_merge(self, merge_id: str) -> None:
-        self.celery.send_task(MERGE_TASK, args=[merge_id], queue=MERGE_QUEUE)
+        self.celery.send_task(MERGE_TASK, args=[merge_id], queue=MERGE_QUEUE, ignore_result=True)
 
     def ping(self) -> None:
         """Raise if the broker cannot be reached within a couple of seconds."""
