@@ -72,7 +72,8 @@ def main() -> None:
                                         env=env, check=True, capture_output=True, text=True).stdout.strip()
         key = run("tenant", "create", f"bench-{os.getpid()}")
         run("base", "create", f"{tmp}/base")
-        run("model", "add", "tiny", f"{tmp}/base")
+        model = f"bench-{os.getpid()}"  # a shared PostgreSQL may hold earlier runs' models
+        run("model", "add", model, f"{tmp}/base")
         port = free_port()
         server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port),
                                    "--log-level", "warning", "--no-access-log",
@@ -83,7 +84,7 @@ def main() -> None:
             lines = "".join('{"prompt": "%d + 1 =", "completion": " %d"}\n' % (i, i + 1) for i in range(32))
             uploaded = httpx.post(f"{url}/v1/files", headers={"Authorization": f"Bearer {key}"}, data={"purpose": "fine-tune"},
                                   files={"file": ("train.jsonl", lines.encode())}).json()
-            body = {"model": "tiny", "training_file": uploaded["id"], "hyperparameters": {"n_epochs": 1}}
+            body = {"model": model, "training_file": uploaded["id"], "hyperparameters": {"n_epochs": 1}}
             latencies, errors = asyncio.run(fire(url, key, body, args.rate, args.seconds))
         finally:
             stop(server)
