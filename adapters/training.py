@@ -228,7 +228,7 @@ class LoraTrainer:
 
         self.batches_per_epoch = batches_per_epoch(self.train_set, batch_size=cfg.batch_size,
                                                    max_seq_len=cfg.max_seq_len, packing=cfg.packing)
-        steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -262,7 +262,7 @@ class LoraTrainer:
                                       mask_dtype=self.autocast_dtype)
             while self.step < self.total_steps:
                 group = _take(batches, cfg.grad_accum)
-                if len(group) < cfg.grad_accum:  # a short tail does not make a step
+                if not group:  # epoch done; a short last group made a step of its own (loss is per token)
                     break
                 self.micro_in_epoch += len(group)
                 loss = self._optimizer_step(group)

@@ -152,3 +152,10 @@ def test_bad_options_are_refused(cfg, change, message):
 def test_resume_from_a_directory_that_is_not_a_checkpoint(cfg, tmp_path):
     with pytest.raises(InputError, match="not a loramill training checkpoint"):
         train(replace(cfg, resume_from=str(tmp_path)))
+
+
+def test_fewer_batches_than_one_accumulation_group_still_train(cfg, tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text(SAMPLE.read_text().splitlines(keepends=True)[0])
+    result = train(replace(cfg, data=str(one), grad_accum=4, epochs=1))
+    assert result.steps == 1 and result.final_loss > 0 and result.adapter_dir is not None
