@@ -7,10 +7,24 @@ round trip per request), whatever `task_ignore_result` says.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 from celery import Celery
+from sqlalchemy.orm import Session
 
 from loramill.settings import Settings
-from workers.celery_app import MERGE_QUEUE, MERGE_TASK, TRAIN_QUEUE, TRAIN_TASK, create_celery
+from service.errors import APIError
+from service.store import move
+from workers.celery_app import (
+    MERGE_QUEUE,
+    MERGE_TASK,
+    TRAIN_QUEUE,
+    TRAIN_TASK,
+    create_celery,
+)
+
+log = logging.getLogger(__name__)
 
 
 class JobQueue:
@@ -33,3 +47,20 @@ class JobQueue:
         with self.celery.connection_for_read() as conn:
             channel = conn.default_channel
             return {q: channel.queue_declare(queue=q).message_count for q in (TRAIN_QUEUE, MERGE_QUEUE)}
+
+
+def commit_then_enqueue(session: Session, table, row_id: str, enqueue: Callable[[str], None], what: str) -> None:
+    """Commit the new row, then enqueue its task: a task never runs before its row exists.
+
+    If the broker refuses, the row is marked failed (`broker_unavailable`) and the request
+    answers 503, so no row stays `queued` with nothing to run it.
+    """
+    session.commit()
+    try:
+        enqueue(row_id)
+    except Exception as exc:  # noqa: BLE001 — any broker failure: the task cannot run
+        log.exception("enqueue of %s failed", row_id)
+        move(session, table, row_id, ("queued",), "failed",
+             error={"code": "broker_unavailable", "message": f"could not enqueue the {what}: {exc}", "param": None})
+        session.commit()
+        raise APIError(503, f"The job queue is unavailable; the {what} was marked failed", code="broker_unavailable") from exc

@@ -11,7 +11,6 @@ learning_rate_multiplier 1.0 (the learning rate is 2e-4 × the multiplier).
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -22,11 +21,11 @@ from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
 from service.ids import new_id
 from service.objects import checkpoint_object, event_object, job_object, listing
+from service.queue import commit_then_enqueue
 from service.schemas import FineTuningJobCreate, Hyperparameters, LoraOptions
-from service.store import add_event, base_model, get_owned, move, now, page, request_cancel
+from service.store import add_event, base_model, get_owned, now, page, request_cancel
 from service.tables import CheckpointRow, FileRow, JobEventRow, JobRow
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 BASE_LEARNING_RATE = 2e-4
 
@@ -96,15 +95,7 @@ def create_job(body: FineTuningJobCreate, services: ServicesDep, session: Sessio
     session.flush()
     add_event(session, job.id, f"Validating training file: {train_file.id}")
     add_event(session, job.id, "Files validated, moving job to queued state")
-    session.commit()  # the row exists before its task can run
-    try:
-        services.queue.enqueue_training(job.id)
-    except Exception as exc:  # noqa: BLE001 — any broker failure: the job cannot run
-        log.exception("enqueue of %s failed", job.id)
-        move(session, JobRow, job.id, ("queued",), "failed",
-             error={"code": "broker_unavailable", "message": f"could not enqueue the job: {exc}", "param": None})
-        session.commit()
-        raise APIError(503, "The job queue is unavailable; the job was marked failed", code="broker_unavailable") from exc
+    commit_then_enqueue(session, JobRow, job.id, services.queue.enqueue_training, "job")
     return job_object(job)
 
 

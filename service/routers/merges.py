@@ -7,7 +7,6 @@ downloads with HTTP `Range` support and an `X-Content-Sha256` header, the whole 
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -19,11 +18,11 @@ from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
 from service.ids import new_id
 from service.objects import listing, merge_object
+from service.queue import commit_then_enqueue
 from service.schemas import MergeCreate
-from service.store import adapter_by_ref, base_model, get_owned, move, now, page
+from service.store import adapter_by_ref, base_model, get_owned, now, page
 from service.tables import MergeRow
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 SHA_HEADER = "X-Content-Sha256"
 
@@ -45,15 +44,7 @@ def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, 
     row = MergeRow(id=new_id("merge"), tenant_id=tenant.id, base_model=base.name, request=request, status="queued",
                    files=[], created_at=now())
     session.add(row)
-    session.commit()
-    try:
-        services.queue.enqueue_merge(row.id)
-    except Exception as exc:  # noqa: BLE001 — any broker failure: the merge cannot run
-        log.exception("enqueue of %s failed", row.id)
-        move(session, MergeRow, row.id, ("queued",), "failed",
-             error={"code": "broker_unavailable", "message": f"could not enqueue the merge: {exc}", "param": None})
-        session.commit()
-        raise APIError(503, "The job queue is unavailable; the merge was marked failed", code="broker_unavailable") from exc
+    commit_then_enqueue(session, MergeRow, row.id, services.queue.enqueue_merge, "merge")
     return merge_object(row)
 
 
