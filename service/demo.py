@@ -27,7 +27,7 @@ import httpx
 from adapters.errors import InputError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "loramill" / "data" / "capitals.jsonl"
-HYPERPARAMETERS = {"n_epochs": 6, "batch_size": 8, "learning_rate_multiplier": 15, "max_seq_len": 128}
+HYPERPARAMETERS = {"n_epochs": 20, "batch_size": 8, "learning_rate_multiplier": 15, "max_seq_len": 128}
 LORA = {"rank": 16, "alpha": 32}
 
 
@@ -38,10 +38,13 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, admin_key: str, port: int) -> subprocess.Popen:
+    """`loramill serve` (API + embedded worker) with its logs in `<data_dir>/demo-server.log`."""
     env = {**os.environ, "LORAMILL_DATA_DIR": str(data_dir), "LORAMILL_ADMIN_KEY": admin_key}
     env.pop("LORAMILL_BROKER_URL", None)
-    return subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port", str(port)],
-                            env=env)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / "demo-server.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_ready(url: str, server: subprocess.Popen | None, timeout_s: float = 120) -> None:
@@ -134,9 +137,12 @@ def generate(model_dir: Path, prompt: str) -> str:
 
 
 def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
+    from transformers.utils import logging as hf_logging
+
     from adapters.basemodel import BaseModelSpec, create_base_model
     from loramill.settings import get_settings
 
+    hf_logging.disable_progress_bar()  # the demo draws its own progress
     settings = get_settings()
     data_dir = settings.data_dir.resolve()
     out_dir = Path(out).resolve() if out else data_dir / "demo"
