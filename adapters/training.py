@@ -151,7 +151,7 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
 def _lora_model(base_model, cfg: TrainingConfig):
     from peft import LoraConfig, get_peft_model
 
-    fan_in_fan_out = base_model.config.model_type == "gpt2"
+    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in base_model.modules())  # GPT-2 style [d_in, d_out]
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
