@@ -17,6 +17,7 @@ order, so the result equals the uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -261,14 +262,15 @@ class LoraTrainer:
                                       seed=cfg.seed, epoch=self.epoch, start_batch=self.micro_in_epoch,
                                       mask_dtype=self.autocast_dtype)
             while self.step < self.total_steps:
-                group = _take(batches, cfg.grad_accum)
+                group = list(itertools.islice(batches, cfg.grad_accum))
                 if not group:  # epoch done; a short last group made a step of its own (loss is per token)
                     break
                 self.micro_in_epoch += len(group)
                 loss = self._optimizer_step(group)
                 self.step += 1
                 saved = self._maybe_checkpoint()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+                if evaluated:
                     val_loss = self.evaluate()
                 elapsed = time.perf_counter() - started
                 rate = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
@@ -278,7 +280,7 @@ class LoraTrainer:
                     epoch=self.epoch + self.micro_in_epoch / max(1, self.batches_per_epoch),
                     loss=loss, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
                     tokens_per_s=rate, eta_s=steps_left * elapsed / max(1, self.step - self.resumed_at_step),
-                    val_loss=val_loss if cfg.eval_every and self.step % cfg.eval_every == 0 else None,
+                    val_loss=val_loss if evaluated else None,
                     checkpoint=saved,
                 )
                 metrics.write(report)
@@ -417,16 +419,6 @@ class _MetricsLog:
 
     def write_eval(self, step: int, epoch: int, val_loss: float) -> None:
         self._append({"step": step, "epoch": epoch, "val_loss": val_loss})
-
-
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for _ in range(n):
-        item = next(it, None)
-        if item is None:
-            break
-        out.append(item)
-    return out
 
 
 def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None) -> TrainingResult:
