@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from adapters.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, TensorInfo, resolve_model_dir
+from adapters.checkpoint import DTYPE_BYTES, INDEX_NAME, PICKLE_SUFFIXES, TensorInfo, resolve_model_dir
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
 from adapters.peft_format import (
@@ -36,11 +38,14 @@ from merge.deltas import LoraDelta
 from merge.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from merge.methods import MergeMethod, Svd, make_method
 from merge.tensorio import (
-    FLOAT_CODES, OUTPUT_DTYPES, all_finite, from_float32, is_finite, read_float32, read_raw, to_float32,
+    FLOAT_CODES, OUTPUT_DTYPES, STORAGE, all_finite, from_float32, is_finite, read_float32, read_raw, to_float32,
 )
-from merge.writer import Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size
+from merge.writer import (
+    BufferPool, Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size,
+)
 
-BLOCK_ELEMENTS = 4 * 1024 * 1024  # rows per block: about this many elements (16 MB in float32)
+BLOCK_ELEMENTS = 1024 * 1024  # rows per block: at most this many elements (4 MB in float32), cache-sized
+POOL_BLOCKS = 8  # output blocks in flight between the computing thread and the hash thread
 COPY_BYTES = 64 * 1024 * 1024  # untouched tensors are copied in slices of this size
 Progress = Callable[[int, int], None]
 
@@ -149,13 +154,22 @@ def _check_adapters_finite(adapters: list[AdapterInfo]) -> None:
 
 
 class _Merger:
-    """Produces output tensors block by block from open base files."""
+    """Produces output tensors block by block from open base files.
+
+    A block is at most `BLOCK_ELEMENTS` elements of whole rows. Its stored bytes are produced in
+    a buffer taken from a `BufferPool` and handed to the file, whose hash thread gives it back
+    once hashed; deltas go to reusable float32 scratch arrays. Nothing is allocated per block, so
+    memory is `POOL_BLOCKS + 2 + adapters` blocks whatever the model's size. Methods that need a
+    whole tensor at once (`ties`, `dare_*`) work on whole tensors instead.
+    """
 
     def __init__(self, method: MergeMethod, stack: ExitStack):
         self.method = method
         self.stack = stack
         self.files: dict[Path, object] = {}
         self.maps: dict[Path, mmap.mmap] = {}
+        self.pool = BufferPool(POOL_BLOCKS, BLOCK_ELEMENTS * 4)
+        self.scratch: list[np.ndarray] = []  # float32: [0] base values when converted, [1:] deltas
 
     def _file(self, path: Path):
         if path not in self.files:
@@ -168,41 +182,11 @@ class _Merger:
             self.maps[path] = mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ)
         return self.maps[path]
 
-    def blocks(self, out: _Output):
-        """Yield a computed output tensor's bytes in order, as buffers to write."""
-        src = out.source
-        if not src.shape:
-            yield self._block(out, read_raw(src, self._file(src.file)), 0, 1, {})
-            return
-        rows = src.shape[0]
-        step = max(1, BLOCK_ELEMENTS * rows // max(src.numel, 1)) if self.method.elementwise or not out.tasks else rows
-        loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
-        for first in range(0, rows, step):
-            last = min(first + step, rows)
-            yield self._block(out, read_raw(src, self._file(src.file), first, last), first, last, loras)
-
-    def _block(self, out: _Output, raw: np.ndarray, first: int, last: int, loras: dict[int, LoraDelta]) -> np.ndarray:
-        if out.source.dtype not in FLOAT_CODES:
-            return raw
-        values = to_float32(raw, out.source.dtype)
-        if not out.tasks:
-            return from_float32(values, out.dtype)
-        tasks = out.tasks
-        if self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
-            values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
-        else:
-            deltas = [loras[id(t)].rows(first, last) if t.lora is not None
-                      else self._saved_rows(t.saved, first, last) - values for t in tasks]
-            values += self.method.combine(deltas, [t.weight for t in tasks], out.name)
-        if not all_finite(values):
-            raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
-        stored = from_float32(values, out.dtype)
-        if out.dtype != "F32" and not is_finite(stored, out.dtype):
-            raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
-        return stored
-
-    def _saved_rows(self, saved: TensorInfo, first: int, last: int) -> np.ndarray:
-        return to_float32(read_raw(saved, self._file(saved.file), first, last), saved.dtype)
+    def _work(self, index: int, count: int) -> np.ndarray:
+        """Scratch float32 array `index`, first `count` elements."""
+        while len(self.scratch) <= index:
+            self.scratch.append(np.empty(BLOCK_ELEMENTS, dtype=np.float32))
+        return self.scratch[index][:count]
 
     def write_tensor(self, out: _Output, file: HashingFile, advance: Callable[[int], None]) -> None:
         src = out.source
@@ -214,9 +198,66 @@ class _Merger:
                 file.copy_range(self._file(src.file).fileno(), start, view[start:stop])
                 advance(stop - start)
             return
-        for block in self.blocks(out):
-            file.write(block)
-            advance(memoryview(block).nbytes)
+        rows = src.shape[0] if src.shape else 1
+        row_items = max(src.numel, 1) // rows
+        pooled = row_items <= BLOCK_ELEMENTS and (self.method.elementwise or not out.tasks)
+        step = BLOCK_ELEMENTS // row_items if pooled else rows
+        loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
+        for first in range(0, rows, step):
+            last = min(first + step, rows)
+            if pooled:
+                buffer = self.pool.take()
+                stored = self._block(out, first, last, loras, buffer)
+                file.write(stored, hashed=lambda buffer=buffer: self.pool.give(buffer))
+            else:
+                stored = self._block(out, first, last, loras, None)
+                file.write(stored)
+            advance(stored.nbytes)
+
+    def _block(self, out: _Output, first: int, last: int, loras: dict[int, LoraDelta],
+               buffer: np.ndarray | None) -> np.ndarray:
+        """Rows `[first, last)` of the output tensor as stored (in `buffer` when given)."""
+        src = out.source
+        raw = read_raw(src, self._file(src.file), first, last, into=buffer) if src.shape \
+            else read_raw(src, self._file(src.file), into=buffer)
+        if src.dtype not in FLOAT_CODES:
+            return raw
+        count = raw.size
+        pooled = buffer is not None
+        values = to_float32(raw, src.dtype, out=self._work(0, count).reshape(raw.shape) if pooled else None)
+        tasks = out.tasks
+        if tasks and self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
+            values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
+        elif tasks:
+            deltas = []
+            for i, t in enumerate(tasks):
+                if t.lora is not None:
+                    rows_out = self._work(i + 1, count).reshape(raw.shape) if pooled else None
+                    deltas.append(loras[id(t)].rows(first, last, out=rows_out))
+                else:
+                    deltas.append(self._saved_rows(t.saved, first, last) - values)
+            values += self.method.combine(deltas, [t.weight for t in tasks], out.name)
+            if not all_finite(values):
+                raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
+        stored_out = buffer[:count * DTYPE_BYTES[out.dtype]].view(STORAGE[out.dtype]).reshape(raw.shape) if pooled else None
+        if stored_out is not None and values.base is not None and np.shares_memory(values, stored_out):
+            stored_out = None  # float32 in place: `values` already is the output buffer
+        stored = from_float32(values, out.dtype, out=stored_out)
+        if tasks and out.dtype != "F32" and not is_finite(stored, out.dtype):
+            raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
+        return stored
+
+    def _saved_rows(self, saved: TensorInfo, first: int, last: int) -> np.ndarray:
+        return to_float32(read_raw(saved, self._file(saved.file), first, last), saved.dtype)
+
+
+def _blas_threads() -> int:
+    """BLAS threads for the delta products: every core but the one the sha256 thread needs.
+
+    sha256 (about 1.4 GB/s) is the slowest stage; idle BLAS threads spin for a while after each
+    product, and on a small machine they would take its core.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def _copy_side_files(base_dir: Path, out_dir: Path, config: dict) -> list[FileRecord]:
@@ -356,7 +397,8 @@ def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: s
             kind, untie = "adapter", False
         else:
             outputs, untie = _plan(base, infos, bindings, weights, out_dtype)
-            records = _write_checkpoint(tmp, base, outputs, _shards(outputs, max_bytes), merge_method, progress)
+            with threadpool_limits(_blas_threads(), user_api="blas"):
+                records = _write_checkpoint(tmp, base, outputs, _shards(outputs, max_bytes), merge_method, progress)
             records += _copy_side_files(base.path, tmp, _output_config(base, dtype, untie))
             kind = "checkpoint"
         manifest = build_manifest(kind=kind, base=base, adapters=infos, weights=weights, method=merge_method.describe(),

@@ -20,8 +20,12 @@ FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = None) -> np.ndarray:
-    """Rows `[first_row, last_row)` of a tensor's first dimension as stored, from open binary `file`."""
+def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = None,
+             into: np.ndarray | None = None) -> np.ndarray:
+    """Rows `[first_row, last_row)` of a tensor's first dimension as stored, from open binary `file`.
+
+    `into`: a byte buffer (at least the block's size) to read into instead of a new array.
+    """
     shape = info.shape or (1,)
     last_row = shape[0] if last_row is None else last_row
     row_items = 1
@@ -33,30 +37,46 @@ def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = 
     width = np.dtype(storage).itemsize
     count = (last_row - first_row) * row_items
     file.seek(info.data_offset + first_row * row_items * width)
-    data = np.empty(count, dtype=storage)
+    data = np.empty(count, dtype=storage) if into is None else into[:count * width].view(storage)
     got = file.readinto(memoryview(data).cast("B"))
     if got != count * width:
         raise InputError(f"{info.file.name}: truncated safetensors file (tensor {info.name!r})")
     return data.reshape((last_row - first_row, *shape[1:]) if info.shape else ())
 
 
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as float32; `raw` itself when already float32 (callers own what `read_raw` returns)."""
-    if dtype == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32, copy=False)
-
-
-def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values rounded once to `dtype`, as the stored representation."""
+def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values as float32 (in `out` when given); `raw` itself when already float32."""
     if dtype == "F32":
-        return values
+        return raw
+    if out is None:
+        out = np.empty(raw.shape, dtype=np.float32)
+    if dtype == "BF16":
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw)
+        bits <<= 16
+        return out
+    np.copyto(out, raw, casting="unsafe")
+    return out
+
+
+def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 values rounded once to `dtype`, as the stored representation (in `out`, same shape, when given)."""
+    if dtype == "F32":
+        if out is None:
+            return values
+        np.copyto(out, values)
+        return out
+    storage = STORAGE[dtype]
     if dtype == "BF16":
         bits = values.view(np.uint32)
         rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
-        return (rounded >> 16).astype(np.uint16)
+        return np.right_shift(rounded, np.uint32(16), out=out, dtype=np.uint32, casting="unsafe") if out is not None \
+            else (rounded >> 16).astype(np.uint16)
     with np.errstate(over="ignore"):  # overflow to inf is detected by the caller (`is_finite`)
-        return values.astype(STORAGE[dtype])
+        if out is None:
+            return values.astype(storage)
+        np.copyto(out, values, casting="unsafe")
+        return out
 
 
 def all_finite(values: np.ndarray) -> bool:
