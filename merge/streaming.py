@@ -38,7 +38,8 @@ from merge.deltas import LoraDelta
 from merge.manifest import MANIFEST_NAME, build_manifest, write_manifest
 from merge.methods import MergeMethod, Svd, make_method
 from merge.tensorio import (
-    FLOAT_CODES, OUTPUT_DTYPES, STORAGE, all_finite, from_float32, is_finite, read_float32, read_raw, to_float32,
+    FLOAT_CODES, OUTPUT_DTYPES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw,
+    to_float32,
 )
 from merge.writer import (
     BufferPool, Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size,
@@ -216,34 +217,44 @@ class _Merger:
 
     def _block(self, out: _Output, first: int, last: int, loras: dict[int, LoraDelta],
                buffer: np.ndarray | None) -> np.ndarray:
-        """Rows `[first, last)` of the output tensor as stored (in `buffer` when given)."""
+        """Rows `[first, last)` of the output tensor as stored (in `buffer` when given).
+
+        Base values are read in place from the mapped file; float32 results are computed straight
+        into the output buffer when float32 is what is stored.
+        """
         src = out.source
-        raw = read_raw(src, self._file(src.file), first, last, into=buffer) if src.shape \
-            else read_raw(src, self._file(src.file), into=buffer)
+        raw = map_rows(src, self._map(src.file), first, last)
         if src.dtype not in FLOAT_CODES:
             return raw
         count = raw.size
-        pooled = buffer is not None
-        values = to_float32(raw, src.dtype, out=self._work(0, count).reshape(raw.shape) if pooled else None)
+        stored_out = None
+        if buffer is not None:
+            stored_out = buffer[:count * DTYPE_BYTES[out.dtype]].view(STORAGE[out.dtype]).reshape(raw.shape)
+        if out.dtype == "F32" and stored_out is not None:
+            target = stored_out
+        else:
+            target = self._work(0, count).reshape(raw.shape) if buffer is not None else np.empty(raw.shape, np.float32)
         tasks = out.tasks
-        if tasks and self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
+        if not tasks:
+            values = to_float32(raw, src.dtype, out=target)
+        elif self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
             values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
-        elif tasks:
+        else:
+            base_values = to_float32(raw, src.dtype, out=target)  # float32 sources: the mapped bytes themselves
             deltas = []
             for i, t in enumerate(tasks):
                 if t.lora is not None:
-                    rows_out = self._work(i + 1, count).reshape(raw.shape) if pooled else None
+                    rows_out = self._work(i + 1, count).reshape(raw.shape) if buffer is not None else None
                     deltas.append(loras[id(t)].rows(first, last, out=rows_out))
                 else:
-                    deltas.append(self._saved_rows(t.saved, first, last) - values)
-            values += self.method.combine(deltas, [t.weight for t in tasks], out.name)
+                    deltas.append(self._saved_rows(t.saved, first, last) - base_values)
+            values = np.add(base_values, self.method.combine(deltas, [t.weight for t in tasks], out.name), out=target)
             if not all_finite(values):
                 raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
-        stored_out = buffer[:count * DTYPE_BYTES[out.dtype]].view(STORAGE[out.dtype]).reshape(raw.shape) if pooled else None
-        if stored_out is not None and values.base is not None and np.shares_memory(values, stored_out):
-            stored_out = None  # float32 in place: `values` already is the output buffer
+        if out.dtype == "F32":
+            return values
         stored = from_float32(values, out.dtype, out=stored_out)
-        if tasks and out.dtype != "F32" and not is_finite(stored, out.dtype):
+        if tasks and not is_finite(stored, out.dtype):
             raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
         return stored
 

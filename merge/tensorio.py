@@ -20,12 +20,8 @@ FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
-def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = None,
-             into: np.ndarray | None = None) -> np.ndarray:
-    """Rows `[first_row, last_row)` of a tensor's first dimension as stored, from open binary `file`.
-
-    `into`: a byte buffer (at least the block's size) to read into instead of a new array.
-    """
+def _row_span(info: TensorInfo, first_row: int, last_row: int | None) -> tuple[type, int, int, tuple[int, ...]]:
+    """(storage dtype, byte offset, element count, shape) of rows `[first_row, last_row)`."""
     shape = info.shape or (1,)
     last_row = shape[0] if last_row is None else last_row
     row_items = 1
@@ -34,14 +30,26 @@ def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = 
     storage = STORAGE.get(info.dtype)
     if storage is None:
         raise InputError(f"{info.file.name}: tensor {info.name!r} has unsupported dtype {info.dtype}")
-    width = np.dtype(storage).itemsize
-    count = (last_row - first_row) * row_items
-    file.seek(info.data_offset + first_row * row_items * width)
-    data = np.empty(count, dtype=storage) if into is None else into[:count * width].view(storage)
-    got = file.readinto(memoryview(data).cast("B"))
-    if got != count * width:
+    offset = info.data_offset + first_row * row_items * np.dtype(storage).itemsize
+    return storage, offset, (last_row - first_row) * row_items, (last_row - first_row, *shape[1:]) if info.shape else ()
+
+
+def read_raw(info: TensorInfo, file, first_row: int = 0, last_row: int | None = None) -> np.ndarray:
+    """Rows `[first_row, last_row)` of a tensor's first dimension as stored, from open binary `file`."""
+    storage, offset, count, shape = _row_span(info, first_row, last_row)
+    file.seek(offset)
+    data = np.empty(count, dtype=storage)
+    if file.readinto(memoryview(data).cast("B")) != data.nbytes:
         raise InputError(f"{info.file.name}: truncated safetensors file (tensor {info.name!r})")
-    return data.reshape((last_row - first_row, *shape[1:]) if info.shape else ())
+    return data.reshape(shape)
+
+
+def map_rows(info: TensorInfo, mapped, first_row: int = 0, last_row: int | None = None) -> np.ndarray:
+    """Rows `[first_row, last_row)` as stored: a read-only view of `mapped`, the file's memory map."""
+    storage, offset, count, shape = _row_span(info, first_row, last_row)
+    if offset + count * np.dtype(storage).itemsize > len(mapped):
+        raise InputError(f"{info.file.name}: truncated safetensors file (tensor {info.name!r})")
+    return np.frombuffer(mapped, dtype=storage, count=count, offset=offset).reshape(shape)
 
 
 def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
