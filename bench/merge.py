@@ -10,6 +10,8 @@ wall time is measured around the process, peak anonymous memory by sampling `Rss
 `/proc/PID/status` (mmap'd file pages would inflate VmHWM). Reported: medians over --repeat,
 and ratios against the peers measured in the same run. Runs are interleaved (cp, loramill,
 PEFT, cp, ...) so load from other processes on the machine hits every peer alike.
+Also timed: sha256 of the base's bytes alone, the floor of any merge that writes a manifest
+with every file's sha256 (one core; sha256 cannot be split within a file).
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ PEFT_MERGE = textwrap.dedent("""
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
     model.merge_and_unload().save_pretrained(out)
     print(f"imports {imported - started:.3f} s, merge {time.perf_counter() - imported:.3f} s")
+""")
+
+SHA256_FLOOR = textwrap.dedent("""
+    import hashlib, mmap, pathlib, sys, time
+    started = time.perf_counter()
+    for path in sorted(pathlib.Path(sys.argv[1]).glob("*.safetensors")):
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            hashlib.sha256(m).hexdigest()
+    print(f"sha256 in {time.perf_counter() - started:.3f} s")
 """)
 
 MAKE_ADAPTER = textwrap.dedent("""
@@ -127,7 +138,7 @@ def bench_size(out: Path, name: str, repeat: int) -> dict:
     subprocess.run(["cp", "-r", str(base), str(scratch / "warm")], check=True)  # page cache warm
     shutil.rmtree(scratch / "warm")
     runs: dict[str, list[Run]] = {"cp": [], "loramill": [], "peft": []}
-    merge_s = []
+    merge_s, sha256_s = [], []
     for i in range(repeat):
         runs["cp"].append(run_measured(["cp", "-r", str(base), str(scratch / f"cp{i}")]))
         shutil.rmtree(scratch / f"cp{i}")
@@ -135,6 +146,7 @@ def bench_size(out: Path, name: str, repeat: int) -> dict:
                             "--out", str(scratch / f"lm{i}")])
         runs["loramill"].append(run)
         merge_s.append(float(re.search(r" in ([\d.]+) s", run.stdout)[1]))
+        sha256_s.append(float(re.search(r" in ([\d.]+) s", run_measured([sys.executable, "-c", SHA256_FLOOR, str(base)]).stdout)[1]))
         if i == 0:
             manifest = json.loads((scratch / f"lm{i}" / "loramill-manifest.json").read_text())
         shutil.rmtree(scratch / f"lm{i}")
@@ -147,7 +159,7 @@ def bench_size(out: Path, name: str, repeat: int) -> dict:
     return {
         "size": name, "base_bytes": dir_bytes(base), "files": len(manifest["files"]),
         "largest_tensor_mb": largest_tensor_mb(base),
-        "wall_s": med, "merge_itself_s": statistics.median(merge_s), "peak_anon_mb": peak,
+        "wall_s": med, "merge_itself_s": statistics.median(merge_s), "sha256_s": statistics.median(sha256_s), "peak_anon_mb": peak,
         "peft_detail": runs["peft"][0].stdout.strip(),
     }
 
@@ -161,16 +173,20 @@ def largest_tensor_mb(base: Path) -> float:
 
 def report(results: list[dict]) -> None:
     print()
-    print(f"{'base':>6} {'GB':>6} | {'cp -r s':>8} {'loramill s':>10} {'(merge)':>8} {'PEFT s':>8} | "
-          f"{'merge/cp':>8} {'PEFT/loramill':>13} | {'anon MB: cp':>11} {'loramill':>8} {'PEFT':>7} | largest tensor MB")
+    print(f"{'base':>6} {'GB':>6} | {'cp -r s':>8} {'loramill s':>10} {'(merge)':>8} {'PEFT s':>8} {'sha256 s':>8} | "
+          f"{'merge/cp':>8} {'sha256/cp':>9} {'PEFT/loramill':>13} | {'anon MB: cp':>11} {'loramill':>8} {'PEFT':>7} | "
+          "largest tensor MB")
     for r in results:
         w, p = r["wall_s"], r["peak_anon_mb"]
         print(f"{r['size']:>6} {r['base_bytes'] / 1e9:6.2f} | {w['cp']:8.2f} {w['loramill']:10.2f} {r['merge_itself_s']:8.2f} "
-              f"{w['peft']:8.2f} | {r['merge_itself_s'] / w['cp']:7.2f}x {w['peft'] / w['loramill']:12.2f}x | "
+              f"{w['peft']:8.2f} {r['sha256_s']:8.2f} | {r['merge_itself_s'] / w['cp']:7.2f}x {r['sha256_s'] / w['cp']:8.2f}x "
+              f"{w['peft'] / w['loramill']:12.2f}x | "
               f"{p['cp']:11.0f} {p['loramill']:8.0f} {p['peft']:7.0f} | {r['largest_tensor_mb']:.0f}")
     for r in results:
         print(f"PEFT ({r['size']}): {r['peft_detail']}")
     print("targets: merge itself <= 2x cp; whole process >= 3x faster than PEFT; loramill peak anon memory flat across sizes")
+    print("sha256: hashing the base's bytes alone (one core, from the page cache), the floor for a merge whose manifest "
+          "holds every file's sha256")
 
 
 def main() -> None:
