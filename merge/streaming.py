@@ -48,7 +48,11 @@ from merge.writer import (
 BLOCK_ELEMENTS = 1024 * 1024  # rows per block: at most this many elements (4 MB in float32), cache-sized
 POOL_BLOCKS = 8  # output blocks in flight between the computing thread and the hash thread
 COPY_BYTES = 64 * 1024 * 1024  # untouched tensors are copied in slices of this size
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], bool | None]  # (bytes done, bytes total) -> True to cancel the merge
+
+
+class MergeCancelled(Exception):
+    """The progress callback asked to stop; the partial output was discarded."""
 
 
 @dataclass(frozen=True)
@@ -304,8 +308,8 @@ def _write_checkpoint(tmp: Path, base: BaseWeights, outputs: list[_Output], shar
     def advance(n: int) -> None:
         nonlocal done
         done += n
-        if progress:
-            progress(done, total)
+        if progress and progress(done, total):
+            raise MergeCancelled(f"cancelled after {done} of {total} bytes")
 
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     files: list[HashingFile] = []
@@ -390,6 +394,8 @@ def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: s
     Every input is checked (by headers) before anything is written; `before_commit(tmp_dir)`
     runs on the complete output before it is renamed into place (e.g. verification) and may
     raise to discard it. Raises `InputError` for any bad input; `out_dir` is then untouched.
+    `progress(done_bytes, total_bytes)` is called as tensors are written; when it returns True
+    the merge stops with `MergeCancelled`, again leaving `out_dir` untouched.
     """
     weights = _check_weights(adapters)
     merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank, seed=seed)

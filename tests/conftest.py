@@ -35,3 +35,17 @@ def llama_base(make_base) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_base(make_base) -> Path:
     return make_base(arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tmp_path_factory, llama_base):
+    """A real PEFT LoRA adapter (rank 4 on q_proj/v_proj) for the tiny Llama base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("adapter")
+    model = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(out)
+    return out

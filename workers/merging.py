@@ -3,6 +3,9 @@
 The merged checkpoint is written by `merge.streaming.merge_streaming` straight into the artifact
 store (it writes to a temporary directory and renames), and the manifest's file list
 (name, bytes, sha256) is copied into the merge row for listing and download headers.
+The merge's progress callback reads the row's `cancel_requested` at most every
+`CANCEL_POLL_S`; once set, the merge stops, its partial output is discarded and the row
+moves to `cancelled`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,22 @@ from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 MANIFEST = "loramill-manifest.json"
+CANCEL_POLL_S = 0.5
+
+
+class CancelPoll:
+    """`merge_streaming`'s progress callback: True once the merge row's cancellation is requested."""
+
+    def __init__(self, ctx: WorkerContext, merge_id: str):
+        self.ctx, self.merge_id = ctx, merge_id
+        self.next_poll = 0.0
+
+    def __call__(self, done: int, total: int) -> bool:
+        if time.monotonic() < self.next_poll:
+            return False
+        self.next_poll = time.monotonic() + CANCEL_POLL_S
+        with self.ctx.db.sessions() as session:
+            return bool(session.scalar(select(MergeRow.cancel_requested).where(MergeRow.id == self.merge_id)))
 
 
 def run_merge_job(ctx: WorkerContext, merge_id: str) -> str:
@@ -39,14 +58,21 @@ def run_merge_job(ctx: WorkerContext, merge_id: str) -> str:
         if base is None or missing:
             raise InputError(f"adapter {missing[0]} was deleted before the merge ran" if missing
                              else "the base model was unregistered before the merge ran", param="adapters")
-        from merge.streaming import AdapterRef, merge_streaming
+        from merge.streaming import AdapterRef, MergeCancelled, merge_streaming
 
         opts = row.request
         refs = [AdapterRef(ctx.artifacts.local_path(adapters[a["adapter_id"]].storage_key), a["weight"])
                 for a in opts["adapters"]]
-        result = merge_streaming(base.path, refs, ctx.artifacts.local_path(key), method=opts["method"], dtype=opts["dtype"],
-                                 max_shard_size=opts["max_shard_size"], density=opts["density"],
-                                 drop_rate=opts["drop_rate"], rank=opts["rank"], seed=opts["seed"], overwrite=True)
+        try:
+            result = merge_streaming(base.path, refs, ctx.artifacts.local_path(key), method=opts["method"],
+                                     dtype=opts["dtype"], max_shard_size=opts["max_shard_size"], density=opts["density"],
+                                     drop_rate=opts["drop_rate"], rank=opts["rank"], seed=opts["seed"], overwrite=True,
+                                     progress=CancelPoll(ctx, merge_id))
+        except MergeCancelled:
+            with ctx.db.sessions() as session:
+                move(session, MergeRow, merge_id, ("running",), "cancelled")
+                session.commit()
+            return "cancelled"
         files = [{"name": f["name"], "bytes": f["size"], "sha256": f["sha256"]} for f in result.manifest["files"]]
         manifest = result.out_dir / MANIFEST
         if manifest.exists() and all(f["name"] != MANIFEST for f in files):

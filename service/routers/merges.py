@@ -3,6 +3,7 @@
 `adapters[].adapter` is an adapter id or a fine-tuned model name (`ft:…`). Finished merges list
 their files with sizes and sha256 (from the checkpoint's `loramill-manifest.json`); one file
 downloads with HTTP `Range` support and an `X-Content-Sha256` header, the whole checkpoint as a tar.
+`POST /v1/merges/{id}/cancel` stops a queued or running merge (status `cancelled`, nothing kept).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service.archive import tar_stream
 from service.deps import ServicesDep, SessionDep, TenantDep
@@ -20,7 +21,7 @@ from service.ids import new_id
 from service.objects import listing, merge_object
 from service.queue import commit_then_enqueue
 from service.schemas import MergeCreate
-from service.store import adapter_by_ref, base_model, get_owned, now, page
+from service.store import FINISHED, adapter_by_ref, base_model, get_owned, move, now, page
 from service.tables import MergeRow
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
@@ -54,6 +55,20 @@ def list_merges(session: SessionDep, tenant: TenantDep, after: str | None = None
     scope = MergeRow.tenant_id == tenant.id
     rows, more = page(session, select(MergeRow).where(scope), MergeRow, after=after, limit=limit, scope=scope)
     return listing([merge_object(r) for r in rows], more)
+
+
+@router.post("/{merge_id}/cancel")
+def cancel_merge(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
+    """A queued merge is cancelled at once; a running one is flagged and its worker stops within a second."""
+    row = get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id")
+    if row.status in FINISHED:
+        raise APIError(409, f"Merge {merge_id} has already {row.status}; it cannot be cancelled", param="merge_id",
+                       code="merge_finished")
+    if not move(session, MergeRow, merge_id, ("queued",), "cancelled", cancel_requested=True):
+        session.execute(update(MergeRow).where(MergeRow.id == merge_id).values(cancel_requested=True))
+    session.commit()
+    session.refresh(row)
+    return merge_object(row)
 
 
 @router.get("/{merge_id}")

@@ -45,3 +45,27 @@ def test_small_blocks_and_a_small_pool_write_the_same_bytes(base_dtype, dtype, m
         data = (blocked.out_dir / record["name"]).read_bytes()
         assert record["size"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest(), record["name"]
     assert manifest["files"] == reference.manifest["files"]
+
+
+def test_a_progress_callback_that_returns_true_cancels_and_leaves_nothing(make_base, make_adapter, tmp_path, monkeypatch):
+    base = make_base(arch="llama")
+    adapter = make_adapter(base, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    monkeypatch.setattr(streaming, "BLOCK_ELEMENTS", 1024)
+    seen = []
+
+    def progress(done: int, total: int) -> bool:
+        seen.append(done)
+        return len(seen) == 3
+
+    with pytest.raises(streaming.MergeCancelled):
+        merge_streaming(base, [AdapterRef(adapter)], tmp_path / "merged", progress=progress)
+    assert len(seen) == 3 and seen[-1] < sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its temporary directory
+
+
+def test_progress_reaches_the_total(make_base, make_adapter, tmp_path):
+    base = make_base(arch="llama")
+    adapter = make_adapter(base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    seen = []
+    merge_streaming(base, [AdapterRef(adapter)], tmp_path / "merged", progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)

@@ -17,20 +17,6 @@ from service.tables import FileRow, JobRow, MergeRow
 from tests.service.conftest import ADMIN_KEY, chat_lines, stored_files
 
 
-@pytest.fixture(scope="session")
-def peft_adapter(tmp_path_factory, llama_base):
-    """A real PEFT LoRA adapter (rank 4 on q_proj/v_proj) for the tiny Llama base."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path_factory.mktemp("adapter")
-    model = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    peft_model.save_pretrained(out)
-    return out
-
-
 def assert_openai_error(response, status: int, param: str | None = "__any__"):
     assert response.status_code == status, response.text
     body = response.json()
@@ -78,6 +64,7 @@ def tenant_routes(ids):
         ("GET", f"/v1/adapters/{a}", None), ("GET", f"/v1/adapters/{a}/archive", None), ("DELETE", f"/v1/adapters/{a}", None),
         ("GET", f"/v1/merges/{m}", None), ("GET", f"/v1/merges/{m}/files", None),
         ("GET", f"/v1/merges/{m}/files/config.json", None), ("GET", f"/v1/merges/{m}/archive", None),
+        ("POST", f"/v1/merges/{m}/cancel", None),
         ("POST", "/v1/fine_tuning/jobs", {"model": "tiny", "training_file": f}),
         ("POST", "/v1/merges", {"base_model": "tiny", "adapters": [{"adapter": a}]}),
     ]
@@ -106,7 +93,7 @@ ROUTES_NEEDING_A_KEY = [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v
                         ("GET", "/v1/adapters/a/archive"), ("DELETE", "/v1/adapters/a"),
                         ("GET", "/v1/merges"), ("POST", "/v1/merges"), ("GET", "/v1/merges/m"),
                         ("GET", "/v1/merges/m/files"), ("GET", "/v1/merges/m/files/x"), ("GET", "/v1/merges/m/archive"),
-                        ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("POST", "/v1/models")]
+                        ("POST", "/v1/merges/m/cancel"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("POST", "/v1/models")]
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Basic abc", "Bearer "])
