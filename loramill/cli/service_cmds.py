@@ -3,8 +3,10 @@
 Embedded default: with no `LORAMILL_BROKER_URL`, `serve` starts a real Celery worker process
 (`loramill worker --pool solo`) beside the API; both use kombu's `filesystem://` transport under
 `<data_dir>/broker/` and the SQLite job store in `<data_dir>`, so one machine needs no Redis and
-no PostgreSQL. With a broker configured, `serve` runs the API only and workers are started with
-`loramill worker --queues train` (GPU machines) / `--queues merge`.
+no PostgreSQL. That transport does not redeliver the task of a worker that died, so `serve`
+enqueues again whatever was left `running` (`service.recovery`), and holds a lock so that only
+one embedded worker serves a data directory. With a broker configured, `serve` runs the API only
+and workers are started with `loramill worker --queues train` (GPU machines) / `--queues merge`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -25,6 +28,24 @@ def register(main: click.Group) -> None:
 def worker_command(queues: str, pool: str, concurrency: int) -> list[str]:
     return [sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues", queues,
             "--pool", pool, "--concurrency", str(concurrency)]
+
+
+def _hold_embedded_lock(data_dir: Path):
+    """An exclusive lock on `<data_dir>/embedded.lock` for this process's life: one embedded worker per data dir.
+
+    A second `serve` would re-enqueue, as orphans, the jobs the first one's worker is running.
+    """
+    import fcntl
+
+    from adapters.errors import InputError
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "embedded.lock", "w")  # noqa: SIM115 — kept open: the lock lives with it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"another `loramill serve` runs the embedded worker for {data_dir.resolve()}") from None
+    return handle
 
 
 @click.command()
@@ -41,6 +62,12 @@ def serve(host: str | None, port: int | None) -> None:
     app = create_app(settings)  # migrates the job store before any worker starts
     embedded = None
     if not settings.broker_url:
+        from service.recovery import requeue_orphans
+
+        lock = _hold_embedded_lock(settings.data_dir)  # noqa: F841 — held until the process exits
+        services = app.state.services
+        for orphan in requeue_orphans(services.db, services.queue):
+            click.echo(f"re-enqueued {orphan}: it was running when the last embedded worker stopped", err=True)
         env = {**os.environ, "LORAMILL_DATA_DIR": str(settings.data_dir.resolve())}
         embedded = subprocess.Popen(worker_command("train,merge", "solo", 1), env=env)
         click.echo(f"embedded worker pid {embedded.pid} on {settings.data_dir.resolve() / 'broker'}", err=True)
