@@ -1,16 +1,19 @@
-"""Multipart uploads with a size limit enforced before the body is parsed.
+"""Multipart uploads with a size limit enforced before and while the body is read.
 
-`Content-Length` above the limit is refused at once (413, nothing read); a body without a
-length, or a part that grows past the limit while it is copied, is refused the same way and
-whatever was written is removed.
+`Content-Length` above the limit is refused at once (413, nothing read). A body without a
+length (chunked) is counted as it streams into the parser and refused the same way as soon as
+it passes the limit; the parser's spooled temporary files are anonymous, so nothing remains.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import PurePosixPath
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartParser
 
 from service.errors import APIError
 
@@ -28,10 +31,23 @@ async def read_form(request: Request, max_bytes: int, *, max_files: int) -> Form
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "Expected a multipart/form-data body", param="file", code="invalid_content_type")
     try:
-        return await request.form(max_files=max_files, max_fields=16)
-    except Exception as exc:  # noqa: BLE001 — starlette raises its own MultiPartException/HTTPException types
-        raise APIError(400, f"Malformed multipart body: {getattr(exc, 'detail', None) or exc}", param="file",
+        async with aclosing(_at_most(request.stream(), max_bytes * max_files + FORM_OVERHEAD, max_bytes)) as stream:
+            return await MultiPartParser(request.headers, stream, max_files=max_files, max_fields=16).parse()
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — starlette raises its own MultiPartException types
+        raise APIError(400, f"Malformed multipart body: {getattr(exc, 'message', None) or exc}", param="file",
                        code="invalid_multipart") from exc
+
+
+async def _at_most(stream: AsyncIterator[bytes], cap: int, limit: int) -> AsyncIterator[bytes]:
+    """`stream`, refused with 413 once more than `cap` bytes have passed."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > cap:
+            raise too_large(limit)
+        yield chunk
 
 
 def form_text(form: FormData, name: str, *, required: bool = True) -> str | None:
