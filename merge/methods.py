@@ -8,6 +8,8 @@ their weights `wᵢ`, and returns the combined delta `Δ`; the merge writes `W +
                 `τᵢ = wᵢ Δᵢ`: trim each to its `density` fraction of largest magnitudes (entries
                 tied at the threshold are all kept), elect the sign `γ = sgn(Σ τ̂ᵢ)` (0 counts
                 as +), disjoint mean `Δ = Σ_{i∈A} τ̂ᵢ / |A|` over `A = {i : τ̂ᵢ ≠ 0, sgn τ̂ᵢ = γ}`.
+                Weights apply before the election, as in mergekit (PEFT's `ties` elects from the
+                unweighted vectors); with equal positive weights the two agree.
 - `dare_linear` DARE (Yu et al., arXiv 2311.03099): drop each entry of `Δᵢ` with probability
                 `p` and rescale the survivors by `1/(1-p)`, then `linear`.
 - `dare_ties`   DARE's drop-and-rescale in place of TIES' trim, then TIES' sign election and
