@@ -387,7 +387,7 @@ def _write_svd_adapter(tmp: Path, base: BaseWeights, adapters: list[AdapterInfo]
 def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: str | Path, *, method: str = "linear",
                     dtype: str = "auto", max_shard_size: str | int = "2GB", density: float | None = None,
                     drop_rate: float | None = None, rank: int | None = None, seed: int = 0, overwrite: bool = False,
-                    progress: Progress | None = None,
+                    progress: Progress | None = None, durable: bool = False,
                     before_commit: Callable[[Path], None] | None = None) -> MergeResult:
     """Merge `adapters` into the base checkpoint at `base_dir`, writing `out_dir`.
 
@@ -395,7 +395,8 @@ def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: s
     runs on the complete output before it is renamed into place (e.g. verification) and may
     raise to discard it. Raises `InputError` for any bad input; `out_dir` is then untouched.
     `progress(done_bytes, total_bytes)` is called as tensors are written; when it returns True
-    the merge stops with `MergeCancelled`, again leaving `out_dir` untouched.
+    the merge stops with `MergeCancelled`, again leaving `out_dir` untouched. `durable`: fsync the
+    output before it is renamed into place (see `atomic_directory`).
     """
     weights = _check_weights(adapters)
     merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank, seed=seed)
@@ -408,7 +409,7 @@ def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: s
     infos = [read_adapter(ref.path) for ref in adapters]
     bindings = [bind_adapter(info, base) for info in infos]
     _check_adapters_finite(infos)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, durable=durable) as tmp:
         if isinstance(merge_method, Svd):
             records = _write_svd_adapter(tmp, base, infos, bindings, weights, merge_method, out_dtype)
             kind, untie = "adapter", False

@@ -4,7 +4,8 @@ Keys are relative POSIX paths (`files/file-…`, `adapters/adapter-…/`, `merge
 The core (`adapters/`, `merge/`) works on local paths, so the interface hands out
 `local_path(key)`; on a shared filesystem (the deployment in docker-compose.yml mounts one
 volume into the API and every worker) that is the file itself. Every write lands under a
-temporary name and is renamed into place: a key either does not exist or is complete.
+temporary name, is fsynced and is renamed into place: a key either does not exist or is
+complete, crash or power loss included.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class LocalArtifactStore:
                         raise TooLarge(max_bytes)
                     digest.update(chunk)
                     out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -91,7 +94,7 @@ class LocalArtifactStore:
 
     def import_dir(self, key: str, src: Path) -> None:
         target = self.local_path(key)
-        with atomic_directory(target, overwrite=True) as tmp:
+        with atomic_directory(target, overwrite=True, durable=True) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
 
     def delete(self, key: str) -> None:

@@ -1,7 +1,7 @@
 """Run one merge: the body of the `loramill.merge` task.
 
 The merged checkpoint is written by `merge.streaming.merge_streaming` straight into the artifact
-store (it writes to a temporary directory and renames), and the manifest's file list
+store (it writes to a temporary directory, fsyncs it and renames), and the manifest's file list
 (name, bytes, sha256) is copied into the merge row for listing and download headers.
 The merge's progress callback reads the row's `cancel_requested` at most every
 `CANCEL_POLL_S`; once set, the merge stops, its partial output is discarded and the row
@@ -67,7 +67,7 @@ def run_merge_job(ctx: WorkerContext, merge_id: str) -> str:
             result = merge_streaming(base.path, refs, ctx.artifacts.local_path(key), method=opts["method"],
                                      dtype=opts["dtype"], max_shard_size=opts["max_shard_size"], density=opts["density"],
                                      drop_rate=opts["drop_rate"], rank=opts["rank"], seed=opts["seed"], overwrite=True,
-                                     progress=CancelPoll(ctx, merge_id))
+                                     progress=CancelPoll(ctx, merge_id), durable=True)
         except MergeCancelled:
             with ctx.db.sessions() as session:
                 move(session, MergeRow, merge_id, ("running",), "cancelled")

@@ -68,7 +68,7 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
     target = services.artifacts.local_path(key)
     limit = services.settings.max_upload_bytes
     try:
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, durable=True) as tmp:
             size = 0
             for filename, upload in uploads.items():
                 with open(tmp / filename, "wb") as out:
