@@ -164,7 +164,7 @@ class _Merger:
     A block is at most `BLOCK_ELEMENTS` elements of whole rows. Its stored bytes are produced in
     a buffer taken from a `BufferPool` and handed to the file, whose hash thread gives it back
     once hashed; deltas go to reusable float32 scratch arrays. Nothing is allocated per block, so
-    memory is `POOL_BLOCKS + 2 + adapters` blocks whatever the model's size. Methods that need a
+    memory is `POOL_BLOCKS + 1 + adapters` blocks whatever the model's size. Methods that need a
     whole tensor at once (`ties`, `dare_*`) work on whole tensors instead.
     """
 
