@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.")
     max_rank: int = Field(256, description="Largest LoRA rank a job or uploaded adapter may use.")
     visibility_timeout_s: int = Field(48 * 3600, description="Redis redelivery timeout; longer than any job.")
+    tenant_cache_ttl_s: float = Field(10.0, description="How long an API process remembers a key's tenant; 0: off.")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -17,13 +17,14 @@ from service.errors import install_handlers
 from service.metrics import TimingMiddleware, metrics_registry
 from service.queue import JobQueue
 from service.routers import adapters, files, fine_tuning, health, merges, models
+from service.tenant_cache import TenantCache
 
 
 def build_services(settings: Settings) -> Services:
     url = settings.resolved_database_url
     migrate(url)
     return Services(settings=settings, db=database(url), artifacts=LocalArtifactStore(settings.resolved_artifacts_dir),
-                    queue=JobQueue(settings))
+                    queue=JobQueue(settings), tenants=TenantCache(settings.tenant_cache_ttl_s))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,7 +1,8 @@
 """Tenants and their API keys.
 
 A key is `lm-` + 43 url-safe random characters (256 bits). Only its sha256 is stored: a
-key this random needs no slow hash, and lookup by digest is one indexed read per request.
+key this random needs no slow hash, and lookup by digest is one indexed read, which the API
+caches for a few seconds per process (`service.tenant_cache`).
 The admin key comes from settings (`LORAMILL_ADMIN_KEY`) and is never stored.
 """
 
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from adapters.errors import InputError
 from service.ids import new_id
 from service.tables import ApiKey, Tenant
+from service.tenant_cache import TenantRef
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -49,11 +51,16 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
     return tenant, key
 
 
-def tenant_for_key(session: Session, key: str) -> Tenant | None:
+def tenant_for_digest(session: Session, digest: str) -> TenantRef | None:
+    """The tenant owning the key with sha256 `digest`, or None (two columns, no ORM object)."""
     row = session.execute(
-        select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_sha256 == key_digest(key))
-    ).scalar_one_or_none()
-    return row
+        select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_sha256 == digest)
+    ).one_or_none()
+    return TenantRef(row.id, row.name) if row is not None else None
+
+
+def tenant_for_key(session: Session, key: str) -> TenantRef | None:
+    return tenant_for_digest(session, key_digest(key))
 
 
 def is_admin_key(key: str, admin_key: str | None) -> bool:

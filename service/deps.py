@@ -3,7 +3,8 @@
 Use them as annotations: `def route(session: SessionDep, tenant: TenantDep) -> ...`.
 Authentication is `Authorization: Bearer <key>`; a missing or unknown key answers 401.
 Dependencies that touch no database are `async def`: FastAPI runs every sync dependency in the
-thread pool, a hop each that costs more than the work.
+thread pool, a hop each that costs more than the work. `current_tenant` is async too: a known
+key is answered from the process's tenant cache, and only a miss goes to the thread pool.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from loramill.settings import Settings
 from service.artifacts import ArtifactStore
-from service.auth import is_admin_key, tenant_for_key
+from service.auth import is_admin_key, key_digest, tenant_for_digest
 from service.db import Database
 from service.errors import APIError
 from service.queue import JobQueue
-from service.tables import Tenant
+from service.tenant_cache import TenantCache, TenantRef
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Services:
     db: Database
     artifacts: ArtifactStore
     queue: JobQueue
+    tenants: TenantCache
 
 
 async def get_services(request: Request) -> Services:
@@ -60,14 +63,23 @@ async def bearer_key(authorization: Annotated[str | None, Header()] = None) -> s
 BearerDep = Annotated[str, Depends(bearer_key)]
 
 
-def current_tenant(key: BearerDep, session: SessionDep) -> Tenant:
-    tenant = tenant_for_key(session, key)
+def _lookup_tenant(db: Database, digest: str) -> TenantRef | None:
+    with db.sessions() as session:
+        return tenant_for_digest(session, digest)
+
+
+async def current_tenant(key: BearerDep, services: ServicesDep) -> TenantRef:
+    digest = key_digest(key)
+    tenant = services.tenants.get(digest)
     if tenant is None:
-        raise APIError(401, "Incorrect API key provided", code="invalid_api_key", type="invalid_request_error")
+        tenant = await run_in_threadpool(_lookup_tenant, services.db, digest)
+        if tenant is None:
+            raise APIError(401, "Incorrect API key provided", code="invalid_api_key", type="invalid_request_error")
+        services.tenants.put(digest, tenant)
     return tenant
 
 
-TenantDep = Annotated[Tenant, Depends(current_tenant)]
+TenantDep = Annotated[TenantRef, Depends(current_tenant)]
 
 
 async def require_admin(key: BearerDep, services: ServicesDep) -> None:

@@ -1,0 +1,71 @@
+"""Key digest → tenant, remembered in process for a few seconds.
+
+Every API request authenticates; looking the key's digest up in the job store was a session,
+a query and an ORM load on every one of them (2 ms of the 10 ms a job creation cost on
+PostgreSQL). With the answer cached, a known key costs a sha256 and a dict lookup, and the
+authentication dependency needs no thread-pool hop.
+
+What this means for revocation: loramill has no route or command that revokes a key or deletes
+a tenant today. A key removed from the database by hand (or by a future revocation path) keeps
+authenticating in every API process that cached it for up to `ttl_s` seconds
+(`LORAMILL_TENANT_CACHE_TTL_S`; 0 turns the cache off). Code that revokes a key in an API process
+must call `forget(digest)` there; other replicas still honour it until their entries expire.
+Unknown keys are never cached, so a newly created tenant's key works at once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TenantRef:
+    """The calling tenant, as routes use it: its id (ownership checks) and name (`owned_by`)."""
+
+    id: str
+    name: str
+
+
+class TenantCache:
+    """At most `max_entries` digests, each kept `ttl_s` seconds from its lookup; least recently used go first."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s, self.max_entries, self._clock = ttl_s, max_entries, clock
+        self._entries: OrderedDict[str, tuple[float, TenantRef]] = OrderedDict()
+        self._lock = threading.Lock()  # hits come from the event loop, fills from thread-pool threads
+
+    def get(self, digest: str) -> TenantRef | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            expires, tenant = entry
+            if self._clock() >= expires:
+                del self._entries[digest]
+                return None
+            self._entries.move_to_end(digest)
+            return tenant
+
+    def put(self, digest: str, tenant: TenantRef) -> None:
+        if self.ttl_s <= 0:
+            return
+        with self._lock:
+            self._entries[digest] = (self._clock() + self.ttl_s, tenant)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def forget(self, digest: str | None = None) -> None:
+        """Drop one digest (a revoked key), or every entry when `digest` is None."""
+        with self._lock:
+            if digest is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(digest, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
