@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 
 from celery import Celery
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from loramill.settings import Settings
@@ -49,7 +50,8 @@ class JobQueue:
             return {q: channel.queue_declare(queue=q).message_count for q in (TRAIN_QUEUE, MERGE_QUEUE)}
 
 
-def commit_then_enqueue(session: Session, table, row_id: str, enqueue: Callable[[str], None], what: str) -> None:
+def commit_then_enqueue(session: Session | Connection, table, row_id: str, enqueue: Callable[[str], None],
+                        what: str) -> None:
     """Commit the new row, then enqueue its task: a task never runs before its row exists.
 
     If the broker refuses, the row is marked failed (`broker_unavailable`) and the request
