@@ -2,7 +2,10 @@
 
 Job state lives in the job store, so tasks are sent with `ignore_result=True`: otherwise
 Celery's Redis result backend subscribes to a result channel for every task sent (a pub/sub
-round trip per request), whatever `task_ignore_result` says.
+round trip per request), whatever `task_ignore_result` says. With a Redis broker, the API
+publishes through `service.redis_transport` (kombu's transport, one redis-py client per channel
+instead of one per message). Producers and their broker connections come from Celery's
+producer pool, so a request opens no connection.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from loramill.settings import Settings
 from service.errors import APIError
+from service.redis_transport import PublishTransport
 from service.store import move
 from workers.celery_app import (
     MERGE_QUEUE,
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 class JobQueue:
     def __init__(self, settings: Settings):
         self.celery: Celery = create_celery(settings)
+        if (settings.broker_url or "").startswith(("redis://", "rediss://")):
+            self.celery.conf.broker_transport = PublishTransport
 
     def enqueue_training(self, job_id: str) -> None:
         self.celery.send_task(TRAIN_TASK, args=[job_id], queue=TRAIN_QUEUE, ignore_result=True)

@@ -1,14 +1,21 @@
-"""The job-creation fast path: what it writes and the ids it makes."""
+"""The job-creation fast path: what it writes, the ids it makes, how it publishes."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
+import redis
 from sqlalchemy import select
 
+from loramill.settings import Settings
 from service.ids import new_id
+from service.queue import JobQueue
+from service.redis_transport import PublishChannel
 from service.tables import FileRow
 from tests.service.conftest import chat_lines
+from tests.services import free_redis_url, release_redis
+from workers.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
 
 
 def test_a_created_job_reads_back_exactly_as_returned_with_its_two_events(api):
@@ -52,3 +59,29 @@ def test_ids_are_the_prefix_and_24_letters_or_digits_and_do_not_repeat():
     assert all(re.fullmatch(r"ftjob-[A-Za-z0-9]{24}", i) for i in ids)
     assert len(set(ids)) == len(ids)
     assert len({c for i in ids for c in i[6:]}) == 62  # every character of the alphabet occurs
+
+
+@pytest.fixture
+def redis_queue(tmp_path):
+    broker = free_redis_url()
+    yield JobQueue(Settings(data_dir=tmp_path / "data", broker_url=broker)), broker
+    release_redis(broker)
+
+
+def test_with_redis_the_api_publishes_plain_celery_messages_through_one_client_per_channel(redis_queue, tmp_path):
+    queue, broker = redis_queue
+    queue.enqueue_training("ftjob-a")
+    queue.enqueue_training("ftjob-b")
+    with queue.celery.producer_pool.acquire(block=True) as producer:
+        channel = producer.channel
+        assert isinstance(channel, PublishChannel)
+        assert channel._create_client() is channel._create_client()
+    assert redis.Redis.from_url(broker).llen(TRAIN_QUEUE) == 2
+
+    worker_app = create_celery(Settings(data_dir=tmp_path / "worker", broker_url=broker))  # the stock transport
+    with worker_app.connection_for_read() as conn, conn.SimpleQueue(TRAIN_QUEUE) as simple:
+        received = [simple.get(timeout=5) for _ in range(2)]
+        for message in received:
+            message.ack()
+    assert [(m.headers["task"], m.payload[0]) for m in received] == [(TRAIN_TASK, ["ftjob-a"]),
+                                                                     (TRAIN_TASK, ["ftjob-b"])]
