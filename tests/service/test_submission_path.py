@@ -1,14 +1,17 @@
-"""The job-creation fast path: what it writes, the ids it makes, how it publishes."""
+"""The job-creation fast path: what it writes, the ids it makes, how it publishes, how the server starts."""
 
 from __future__ import annotations
 
+import gc
 import re
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from loramill.settings import Settings
+from service.app import create_app
 from service.ids import new_id
 from service.queue import JobQueue
 from service.redis_transport import PublishChannel
@@ -85,3 +88,14 @@ def test_with_redis_the_api_publishes_plain_celery_messages_through_one_client_p
             message.ack()
     assert [(m.headers["task"], m.payload[0]) for m in received] == [(TRAIN_TASK, ["ftjob-a"]),
                                                                      (TRAIN_TASK, ["ftjob-b"])]
+
+
+def test_a_serving_process_freezes_its_startup_objects(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "data"))
+    gc.unfreeze()
+    try:
+        with TestClient(app) as client:  # runs the lifespan, as uvicorn does
+            assert gc.get_freeze_count() > 10_000
+            assert client.get("/healthz").status_code == 200
+    finally:
+        gc.unfreeze()
