@@ -40,7 +40,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 async def upload_adapter(request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     limit = services.settings.max_upload_bytes
     form = await read_form(request, limit, max_files=len(ADAPTER_FILES))
-    base = base_model(session, form_text(form, "base_model"), param="base_model")
+    base = await run_in_threadpool(base_model, session, form_text(form, "base_model"), "base_model")
     name = form_text(form, "name", required=False)
     uploads = {}
     for upload in form_files(form, "file"):
