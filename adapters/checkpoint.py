@@ -81,6 +81,35 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def looks_like_hub_id(text: str) -> bool:
+    """`org/name`: one slash, not a relative or absolute path."""
+    return text.count("/") == 1 and not text.startswith((".", "/")) and ".." not in text
+
+
+def read_hub_headers(repo_id: str) -> tuple[dict, dict[str, TensorInfo]]:
+    """`config.json` and every tensor's header entry of a hub model, without downloading its weights.
+
+    The safetensors headers come by HTTP range reads (`huggingface_hub.get_safetensors_metadata`,
+    a few KB per shard). Each `TensorInfo.file` is the shard's name in the repo and `data_offset`
+    is relative to the shard's data section: nothing can be read from them locally.
+    """
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    try:
+        meta = get_safetensors_metadata(repo_id)
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception as exc:  # noqa: BLE001 — any hub failure is "not found" to the user
+        raise InputError(f"{repo_id}: not a local directory and its safetensors headers could not be read "
+                         f"from the hub ({type(exc).__name__})") from exc
+    files = list(dict.fromkeys(meta.weight_map.values())) or sorted(meta.files_metadata)
+    tensors: dict[str, TensorInfo] = {}
+    for filename in files:
+        for name, info in meta.files_metadata[filename].tensors.items():
+            begin, end = info.data_offsets
+            tensors[name] = TensorInfo(name, Path(filename), info.dtype, tuple(info.shape), begin, end - begin)
+    return config, tensors
+
+
 def resolve_model_dir(path_or_id: str | Path) -> Path:
     """A local checkpoint directory, or a Hugging Face hub id fetched to the local cache.
 
@@ -92,8 +121,7 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     if path.exists():
         raise InputError(f"{path} is a file; expected a checkpoint directory")
     text = str(path_or_id)
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/")) and ".." not in text
-    if looks_like_hub_id:
+    if looks_like_hub_id(text):
         try:
             from huggingface_hub import snapshot_download
 

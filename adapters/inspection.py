@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from adapters.checkpoint import read_checkpoint, read_config, resolve_model_dir, safetensors_files
+from adapters.checkpoint import (
+    looks_like_hub_id, read_checkpoint, read_config, read_hub_headers, resolve_model_dir, safetensors_files,
+)
 
 GROUPS = ("embedding", "attention", "ffn", "norm", "lm_head", "other", "buffer")
 
@@ -268,9 +270,14 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
     Raises `InputError` for unusable input: no such path, pickle-only weights, a truncated or
     corrupt safetensors file, missing config.json. Shape problems are reported, not raised.
     """
-    model_dir = resolve_model_dir(path)
-    config = read_config(model_dir)
-    infos = read_checkpoint(model_dir)
+    if not Path(path).exists() and looks_like_hub_id(str(path)):  # headers by range reads, no weights fetched
+        where = str(path)
+        config, infos = read_hub_headers(where)
+        files = list(dict.fromkeys(info.file.name for info in infos.values()))
+    else:
+        model_dir = resolve_model_dir(path)
+        where, config, infos = str(model_dir), read_config(model_dir), read_checkpoint(model_dir)
+        files = [f.name for f in safetensors_files(model_dir)]
     dims = ModelDims.from_config(config)
     convention = convention_for(config)
 
@@ -292,12 +299,12 @@ def inspect_checkpoint(path: str | Path) -> CheckpointReport:
         problems += _missing_problems(tensors, convention, tied, has_head)
 
     return CheckpointReport(
-        path=str(model_dir),
+        path=where,
         model_type=config.get("model_type"),
         architectures=list(config.get("architectures") or []),
         convention=convention.name if convention else None,
         dims=dims,
-        files=[f.name for f in safetensors_files(model_dir)],
+        files=files,
         tensors=tensors,
         groups=groups,
         total_parameters=sum(t.numel for t in tensors if t.counted),

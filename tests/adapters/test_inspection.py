@@ -380,3 +380,75 @@ def test_missing_config_refused(make_base, tmp_path):
     (base / "config.json").unlink()
     with pytest.raises(InputError, match="config.json"):
         inspect_checkpoint(base)
+
+
+def _fake_hub(monkeypatch, repo_id: str, local: Path) -> list[str]:
+    """Serve `local` as hub repo `repo_id` through huggingface_hub's metadata calls; snapshots are refused.
+
+    The metadata is built from the files' raw headers (parsed here, not by loramill), as the hub's
+    range reads would return them. Returns the log of hub calls.
+    """
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata
+    from huggingface_hub.utils import TensorInfo as HubTensorInfo
+
+    calls: list[str] = []
+
+    def header(file: Path) -> dict:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(n))
+
+    def get_safetensors_metadata(repo, **_):
+        assert repo == repo_id
+        calls.append("metadata")
+        index = local / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else {}
+        files = {}
+        for file in sorted(local.glob("*.safetensors")):
+            raw = header(file)
+            meta = raw.pop("__metadata__", {})
+            files[file.name] = SafetensorsFileMetadata(meta, {k: HubTensorInfo(v["dtype"], v["shape"], tuple(v["data_offsets"]))
+                                                               for k, v in raw.items()})
+        weight_map = weight_map or {name: f for f, m in files.items() for name in m.tensors}
+        return SafetensorsRepoMetadata(None, index.exists(), weight_map, files)
+
+    def hf_hub_download(repo, filename, **_):
+        assert repo == repo_id and filename == "config.json"
+        calls.append(filename)
+        return str(local / filename)
+
+    def snapshot_download(*_, **__):
+        raise AssertionError("inspect must not download weights")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
+def test_hub_id_is_inspected_from_headers_alone(make_base, tmp_path, monkeypatch, sharded):
+    local = make_base(arch="llama")
+    if sharded:
+        model = AutoModelForCausalLM.from_pretrained(local)
+        model.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+        shutil.copy(local / "config.json", tmp_path / "sharded" / "config.json")
+        local = tmp_path / "sharded"
+    calls = _fake_hub(monkeypatch, "someorg/tiny-llama", local)
+    remote = inspect_checkpoint("someorg/tiny-llama").to_dict()
+    assert calls == ["metadata", "config.json"]
+    expected = inspect_checkpoint(local).to_dict()
+    assert remote.pop("path") == "someorg/tiny-llama" and expected.pop("path") == str(local)
+    assert remote == expected
+
+
+def test_hub_id_that_cannot_be_read_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+
+    def unreachable(*_, **__):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", unreachable)
+    with pytest.raises(InputError, match=r"someorg/missing: not a local directory .* \(OSError\)"):
+        inspect_checkpoint("someorg/missing")
