@@ -255,10 +255,8 @@ class _Merger:
             values = np.add(base_values, self.method.combine(deltas, [t.weight for t in tasks], out.name), out=target)
             if not all_finite(values):
                 raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
-        if out.dtype == "F32":
-            return values
         stored = from_float32(values, out.dtype, out=stored_out)
-        if tasks and not is_finite(stored, out.dtype):
+        if tasks and out.dtype != "F32" and not is_finite(stored, out.dtype):
             raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
         return stored
 

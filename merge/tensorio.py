@@ -63,17 +63,17 @@ def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np
         np.copyto(bits, raw)
         bits <<= 16
         return out
-    np.copyto(out, raw, casting="unsafe")
+    np.copyto(out, raw)  # float16 -> float32: exact
     return out
 
 
 def from_float32(values: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 values rounded once to `dtype`, as the stored representation (in `out`, same shape, when given)."""
+    """float32 values rounded once to `dtype`, as the stored representation (in `out`, same shape, when given).
+
+    float32 is returned as `values` itself: there is nothing to round.
+    """
     if dtype == "F32":
-        if out is None:
-            return values
-        np.copyto(out, values)
-        return out
+        return values
     storage = STORAGE[dtype]
     if dtype == "BF16":
         bits = values.view(np.uint32)

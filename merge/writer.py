@@ -95,7 +95,6 @@ class BufferPool:
     """
 
     def __init__(self, count: int, nbytes: int):
-        self.nbytes = nbytes
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(count):
             self._free.put(np.empty(nbytes, dtype=np.uint8))

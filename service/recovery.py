@@ -5,12 +5,17 @@ of a worker that died (killed, machine restarted) is gone; Redis, by contrast, r
 unacknowledged message after the visibility timeout. In the embedded default the only worker is
 the one `loramill serve` starts, so when `serve` starts, every job or merge still `running` was
 orphaned and is enqueued again: training resumes from its last checkpoint, a merge starts over.
+`hold_embedded_lock` makes sure no other `serve` runs an embedded worker on the same data dir.
 """
 
 from __future__ import annotations
 
+import fcntl
+from pathlib import Path
+
 from sqlalchemy import select
 
+from adapters.errors import InputError
 from service.db import Database
 from service.queue import JobQueue
 from service.tables import JobRow, MergeRow
@@ -26,3 +31,17 @@ def requeue_orphans(db: Database, queue: JobQueue) -> list[str]:
     for merge_id in merges:
         queue.enqueue_merge(merge_id)
     return jobs + merges
+
+
+def hold_embedded_lock(data_dir: Path):
+    """An exclusive lock on `<data_dir>/embedded.lock` for this process's life: one embedded worker per data dir.
+
+    A second `serve` would re-enqueue, as orphans, the jobs the first one's worker is running.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "embedded.lock", "w")  # noqa: SIM115 — kept open: the lock lives with it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"another `loramill serve` runs the embedded worker for {data_dir.resolve()}") from None
+    return handle

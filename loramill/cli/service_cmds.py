@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 
@@ -28,24 +27,6 @@ def register(main: click.Group) -> None:
 def worker_command(queues: str, pool: str, concurrency: int) -> list[str]:
     return [sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues", queues,
             "--pool", pool, "--concurrency", str(concurrency)]
-
-
-def _hold_embedded_lock(data_dir: Path):
-    """An exclusive lock on `<data_dir>/embedded.lock` for this process's life: one embedded worker per data dir.
-
-    A second `serve` would re-enqueue, as orphans, the jobs the first one's worker is running.
-    """
-    import fcntl
-
-    from adapters.errors import InputError
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / "embedded.lock", "w")  # noqa: SIM115 — kept open: the lock lives with it
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise InputError(f"another `loramill serve` runs the embedded worker for {data_dir.resolve()}") from None
-    return handle
 
 
 @click.command()
@@ -62,9 +43,9 @@ def serve(host: str | None, port: int | None) -> None:
     app = create_app(settings)  # migrates the job store before any worker starts
     embedded = None
     if not settings.broker_url:
-        from service.recovery import requeue_orphans
+        from service.recovery import hold_embedded_lock, requeue_orphans
 
-        lock = _hold_embedded_lock(settings.data_dir)  # noqa: F841 — held until the process exits
+        lock = hold_embedded_lock(settings.data_dir)  # noqa: F841 — held until the process exits
         services = app.state.services
         for orphan in requeue_orphans(services.db, services.queue):
             click.echo(f"re-enqueued {orphan}: it was running when the last embedded worker stopped", err=True)

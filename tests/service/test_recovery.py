@@ -6,8 +6,7 @@ import pytest
 from sqlalchemy import update
 
 from adapters.errors import InputError
-from loramill.cli.service_cmds import _hold_embedded_lock
-from service.recovery import requeue_orphans
+from service.recovery import hold_embedded_lock, requeue_orphans
 from service.tables import JobRow, MergeRow
 from tests.service.conftest import chat_lines
 from tests.service.test_api import upload_adapter
@@ -48,8 +47,8 @@ def test_running_jobs_and_merges_are_enqueued_again_and_nothing_else(api, peft_a
 
 
 def test_a_second_embedded_serve_on_the_same_data_dir_is_refused(tmp_path):
-    held = _hold_embedded_lock(tmp_path / "data")
+    held = hold_embedded_lock(tmp_path / "data")
     with pytest.raises(InputError, match="another `loramill serve`"):
-        _hold_embedded_lock(tmp_path / "data")
+        hold_embedded_lock(tmp_path / "data")
     held.close()
-    _hold_embedded_lock(tmp_path / "data").close()  # free again once the first one is gone
+    hold_embedded_lock(tmp_path / "data").close()  # free again once the first one is gone
