@@ -81,3 +81,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def leftovers(target: Path) -> list[Path]:
+    """What interrupted `atomic_directory`/`atomic_write_bytes` calls for `target` left beside it."""
+    target = Path(target)
+    return sorted(p for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*") for p in target.parent.glob(pattern))

@@ -28,6 +28,7 @@ from adapters.errors import InputError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # an adapter is these two files, nothing else
 KEY_PREFIX = "base_model.model."
 
 # Architectures whose projections are transformers' `Conv1D` (weight stored [d_in, d_out]).

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_rank: int = Field(256, description="Largest LoRA rank a job or uploaded adapter may use.")
     visibility_timeout_s: int = Field(48 * 3600, description="Redis redelivery timeout; longer than any job.")
     tenant_cache_ttl_s: float = Field(10.0, description="How long an API process remembers a key's tenant; 0: off.")
+    lease_ttl_s: float = Field(45.0, gt=0, description="A worker's claim on a job lapses this long after its last renewal.")
+    reconcile_interval_s: float = Field(10.0, description="How often the API requeues stranded jobs; 0: never.")
+    resend_after_s: float = Field(60.0, gt=0, description="A queued job whose broker message is missing this long is sent again.")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -29,11 +29,11 @@ FORMAT = "loramill-merge/1"
 
 def build_manifest(*, kind: str, base: BaseWeights, adapters: list[AdapterInfo], weights: list[float],
                    method: dict, dtype: str, untied: bool, files: list[FileRecord]) -> dict:
-    from loramill import __version__
+    from importlib.metadata import version
 
     return {
         "format": FORMAT,
-        "loramill_version": __version__,
+        "loramill_version": version("loramill"),
         "kind": kind,
         "base": {
             "path": str(base.path.resolve()),

@@ -2,7 +2,8 @@
 
 `uvicorn --factory service.app:create_app` builds it from the process's settings. It migrates the
 job store to the newest schema, opens the artifact store and the broker connection, and mounts
-one router per resource.
+one router per resource. While it serves, a reconciler thread requeues stranded jobs
+(`jobs.reconciler`; every API replica runs one, and they agree through the store).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from jobs.artifacts import LocalArtifactStore
+from jobs.db import database, migrate
+from jobs.queue import JobQueue
+from jobs.reconciler import Reconciler
 from loramill.settings import Settings, get_settings
-from service.artifacts import LocalArtifactStore
-from service.db import database, migrate
 from service.deps import Services
 from service.errors import install_handlers
 from service.metrics import TimingMiddleware, metrics_registry
-from service.queue import JobQueue
 from service.routers import adapters, files, fine_tuning, health, merges, models
 from service.tenant_cache import TenantCache
 
@@ -31,24 +33,36 @@ def build_services(settings: Settings) -> Services:
                     queue=JobQueue(settings), tenants=TenantCache(settings.tenant_cache_ttl_s))
 
 
-@asynccontextmanager
-async def freeze_startup_objects(_app: FastAPI) -> AsyncIterator[None]:
-    """When the server starts, move everything built so far out of the garbage collector's sight.
+def reconciler_for(services: Services) -> Reconciler:
+    settings = services.settings
+    return Reconciler(services.db, services.queue, interval_s=settings.reconcile_interval_s,
+                      resend_after_s=settings.resend_after_s)
 
-    The ~160k objects of a started API (modules, SQLAlchemy mappers, FastAPI routes) live as long
-    as the process, yet every full collection walked them all: a 70-80 ms pause in the middle
-    of serving, which at 100 requests/s was the p99. Frozen (after one collection, so no garbage
-    is kept), they are never traversed again. Runs only in a serving process (the lifespan
-    startup), not for every app a test builds.
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the server runs: the reconciler thread, and startup objects frozen out of the collector's sight.
+
+    The objects of a started API (modules, SQLAlchemy mappers, FastAPI routes) live as long as
+    the process, yet every full collection walked them all, a pause in the middle of serving.
+    Frozen (after one collection, so no garbage is kept), they are never traversed again. Runs
+    only in a serving process (the lifespan startup), not for every app a test builds.
     """
+    services: Services = app.state.services
+    reconciler = reconciler_for(services)
+    if services.settings.reconcile_interval_s > 0:
+        reconciler.start()
     gc.collect()
     gc.freeze()
-    yield
+    try:
+        yield
+    finally:
+        reconciler.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="loramill", version="0.1.0", lifespan=freeze_startup_objects)
+    app = FastAPI(title="loramill", version="0.1.0", lifespan=lifespan)
     app.state.services = build_services(settings)
     app.state.metrics_registry, http = metrics_registry(app.state.services)
     app.add_middleware(TimingMiddleware, histogram=http)

@@ -9,21 +9,22 @@ key is answered from the process's tenant cache, and only a miss goes to the thr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import hmac
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from jobs.artifacts import ArtifactStore
+from jobs.db import Database
+from jobs.queue import JobQueue
+from jobs.tenants import TenantRef, key_digest, tenant_for_digest
 from loramill.settings import Settings
-from service.artifacts import ArtifactStore
-from service.auth import is_admin_key, key_digest, tenant_for_digest
-from service.db import Database
 from service.errors import APIError
-from service.queue import JobQueue
-from service.tenant_cache import TenantCache, TenantRef
+from service.tenant_cache import TenantCache
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Services:
     artifacts: ArtifactStore
     queue: JobQueue
     tenants: TenantCache
+    # readiness checks beyond the database and the broker, by name: raise when not ready (`serve` adds "worker")
+    probes: dict[str, Callable[[], None]] = field(default_factory=dict)
 
 
 async def get_services(request: Request) -> Services:
@@ -86,7 +89,7 @@ async def require_admin(key: BearerDep, services: ServicesDep) -> None:
     if not services.settings.admin_key:
         raise APIError(403, "Model registration over HTTP is disabled: no LORAMILL_ADMIN_KEY is configured",
                        code="admin_disabled")
-    if not is_admin_key(key, services.settings.admin_key):
+    if not hmac.compare_digest(key.encode(), services.settings.admin_key.encode()):
         raise APIError(401, "Incorrect admin key provided", code="invalid_api_key", type="invalid_request_error")
 
 

@@ -1,8 +1,9 @@
-"""Every 4xx answer in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""Every error answer in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
-`APIError` is raised by routers and dependencies; the handlers installed by `install_handlers`
-also translate `InputError` (400), FastAPI's request validation errors (400, `param` = the
-offending field's dotted path) and Starlette's own 404/405 into the same shape.
+`APIError` is raised by routers and dependencies. The handlers installed by `install_handlers`
+also translate the domain errors of `jobs/` and the core (`DOMAIN_STATUS`: `InputError` 400,
+`NotFound` 404, `Conflict` 409, `Unavailable` 503), FastAPI's request validation errors (400,
+`param` = the offending field's dotted path) and Starlette's own 404/405 into the same shape.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.errors import InputError
+from jobs.errors import Conflict, JobsError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,7 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
-def not_found(kind: str, id: str, param: str = "id") -> APIError:  # noqa: A002
-    return APIError(404, f"No such {kind}: {id}", param=param, code="not_found")
+DOMAIN_STATUS = {NotFound: 404, Conflict: 409, Unavailable: 503}
 
 
 def error_body(message: str, type: str, param: str | None, code: str | None) -> dict:  # noqa: A002
@@ -52,6 +53,11 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def _input_error(_req: Request, exc: InputError):
         return _respond(400, str(exc), "invalid_request_error", exc.param, exc.code)
+
+    @app.exception_handler(JobsError)
+    async def _domain_error(_req: Request, exc: JobsError):
+        status = DOMAIN_STATUS[type(exc)]
+        return _respond(status, exc.message, _TYPES.get(status, "invalid_request_error"), exc.param, exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError):

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import case, func, select
 
-from service.store import FINISHED, active_counts
-from service.tables import JobRow, MergeRow
+from jobs.lifecycle import KINDS
+from jobs.store import FINISHED
 
 log = logging.getLogger(__name__)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)
@@ -34,11 +34,12 @@ class JobCollector:
         depth = GaugeMetricFamily("loramill_queue_depth", "Messages waiting in each broker queue", labels=["queue"])
         try:
             with self.services.db.sessions() as session:
-                for (kind, status), n in sorted(active_counts(session).items()):
-                    jobs.add_metric([kind, status], n)
-                for kind, table in (("fine_tuning", JobRow), ("merge", MergeRow)):
-                    for status, buckets, total, count in _durations(session, table):
-                        durations.add_metric([kind, status], buckets, total)
+                for kind in KINDS:
+                    counts = session.execute(select(kind.table.status, func.count()).group_by(kind.table.status))
+                    for status, n in sorted(counts):
+                        jobs.add_metric([kind.name, status], n)
+                    for status, buckets, total, count in _durations(session, kind.table):
+                        durations.add_metric([kind.name, status], buckets, total)
         except Exception:  # noqa: BLE001 — a scrape must not fail because the database blinked
             log.exception("metrics: job store unavailable")
         try:
@@ -55,7 +56,7 @@ def _durations(session, table):
     query = (select(table.status, func.coalesce(func.sum(run), 0), func.count(), *columns)
              .where(table.status.in_(FINISHED), table.started_at.is_not(None)).group_by(table.status))
     for status, total, count, *cumulative in session.execute(query):
-        buckets = [(str(b), int(c or 0)) for b, c in zip(DURATION_BUCKETS, cumulative)] + [("+Inf", count)]
+        buckets = [(str(b), int(c or 0)) for b, c in zip(DURATION_BUCKETS, cumulative, strict=True)] + [("+Inf", count)]
         yield status, buckets, float(total), count
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.tables import AdapterRow, BaseModelRow, CheckpointRow, FileRow, JobEventRow, JobRow, MergeRow
+from jobs.tables import AdapterRow, BaseModelRow, CheckpointRow, Event, FileRow, JobRow, MergeRow
 
 
 def listing(data: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
@@ -34,8 +34,8 @@ def job_object(row: JobRow, tenant_name: str | None = None) -> dict[str, Any]:
     }
 
 
-def event_object(row: JobEventRow) -> dict[str, Any]:
-    return {"id": row.id, "object": "fine_tuning.job.event", "created_at": row.created_at, "level": row.level,
+def event_object(row: Event, object_name: str = "fine_tuning.job.event") -> dict[str, Any]:
+    return {"id": row.id, "object": object_name, "created_at": row.created_at, "level": row.level,
             "message": row.message, "type": row.type, "data": row.data}
 
 

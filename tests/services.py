@@ -67,7 +67,7 @@ def postgres_database() -> Iterator[str]:
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:
-        from service.db import _databases
+        from jobs.db import _databases
 
         for url in [u for u in _databases if u.endswith(f"/{name}")]:
             _databases.pop(url).engine.dispose()

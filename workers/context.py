@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 
+from jobs.artifacts import ArtifactStore, LocalArtifactStore
+from jobs.db import Database, database, migrate
 from loramill.settings import Settings, get_settings
-from service.artifacts import ArtifactStore, LocalArtifactStore
-from service.db import Database, database, migrate
 
 
 @dataclass(frozen=True)
@@ -15,12 +17,14 @@ class WorkerContext:
     settings: Settings
     db: Database
     artifacts: ArtifactStore
+    name: str  # who holds a lease: host and process, for the job row and the logs
 
 
 def context_for(settings: Settings) -> WorkerContext:
     url = settings.resolved_database_url
     migrate(url)
-    return WorkerContext(settings, database(url), LocalArtifactStore(settings.resolved_artifacts_dir))
+    return WorkerContext(settings, database(url), LocalArtifactStore(settings.resolved_artifacts_dir),
+                         f"{socket.gethostname()}:{os.getpid()}")
 
 
 @lru_cache(maxsize=1)

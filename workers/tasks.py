@@ -1,8 +1,9 @@
-"""Celery tasks: each takes a job id and hands it to the run function that owns its life cycle."""
+"""Celery tasks: each takes a job id and hands it to the function that runs that kind of job."""
 
 from __future__ import annotations
 
-from workers.celery_app import MERGE_TASK, TRAIN_TASK, app
+from jobs.queue import MERGE_TASK, TRAIN_TASK
+from workers.celery_app import app
 from workers.context import worker_context
 
 

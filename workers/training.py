@@ -1,198 +1,187 @@
-"""Run one fine-tuning job: the body of the `loramill.train` task.
+"""Run one fine-tuning job: the body of the `loramill.train` task, on the shared life cycle (`jobs.lifecycle`).
 
-    queued ──▶ running ──▶ succeeded | failed | cancelled
-                  ▲  └── a redelivered task finds `running` and resumes from `last_checkpoint`
-
-Progress events are buffered and written with the job's ETA at most once a second, which is
-also when the job row's `cancel_requested` is read; a checkpoint is recorded (row + the job's
-`last_checkpoint`) as soon as the core reports it. The finished adapter is copied into the
-artifact store as an adapter the tenant can list, download and merge.
+Each attempt (claim) of a job trains into a directory of its own, `jobs/<tenant>/<job>/attempt-<n>/`,
+so two attempts never write the same file. An attempt after the first resumes from the job's
+last checkpoint, which may live in an earlier attempt's directory: before training it drops the
+metrics events that a dead attempt logged past that checkpoint and removes whatever dead
+attempts left that no checkpoint row refers to. Progress (metrics events, checkpoints, the ETA)
+is written through the lease at most once a second and at each checkpoint, which is also when
+a cancellation request is noticed. The finished adapter is copied to `<attempt>/adapter/`, and
+the adapter row, the metrics file row and the job's success are written in one fenced commit.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select
 
 from adapters.errors import InputError
-from service.ids import new_id
-from service.store import FINISHED, add_event, move, now
-from service.tables import AdapterRow, BaseModelRow, CheckpointRow, FileRow, JobRow, Tenant
+from adapters.peft_format import ADAPTER_FILES, CONFIG_NAME
+from jobs import lifecycle
+from jobs.artifacts import attempt_key, job_key
+from jobs.ids import new_id
+from jobs.lifecycle import FINE_TUNING, Cancelled, Lease, LeaseLost
+from jobs.store import now
+from jobs.tables import AdapterRow, BaseModelRow, CheckpointRow, FileRow, JobEventRow, JobRow, Tenant
 from workers.context import WorkerContext
 from workers.model_cache import base_models
 
-log = logging.getLogger(__name__)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+METRICS_FILE = "metrics.jsonl"  # what `adapters.training` writes into its output directory
 
 
-def job_dir_key(job: JobRow) -> str:
-    return f"jobs/{job.tenant_id}/{job.id}"
+def run_training_job(ctx: WorkerContext, job_id: str) -> str:
+    """Train job `job_id` to an end (or leave it to the worker that holds it); returns its status."""
+    return lifecycle.run(ctx.db, FINE_TUNING, job_id, lambda lease: _train(ctx, lease),
+                         ttl_s=ctx.settings.lease_ttl_s, worker=ctx.name)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    job: JobRow
+    base_path: str
+    files: dict[str, FileRow]
+    tenant_name: str
+    resume: CheckpointRow | None  # the checkpoint this attempt continues from
+
+
+def _load(ctx: WorkerContext, lease: Lease) -> _Inputs:
+    with ctx.db.sessions() as session:
+        job = session.scalar(select(JobRow).where(JobRow.id == lease.job_id))
+        base = session.get(BaseModelRow, job.model)
+        wanted = [job.training_file] + ([job.validation_file] if job.validation_file else [])
+        files = {f.id: f for f in session.scalars(select(FileRow).where(FileRow.id.in_(wanted)))}
+        tenant_name = session.get(Tenant, job.tenant_id).name
+        resume = None
+        if lease.attempt > 1 and job.last_checkpoint:
+            resume = session.scalar(select(CheckpointRow).where(CheckpointRow.job_id == job.id,
+                                                                CheckpointRow.storage_key == job.last_checkpoint))
+    if base is None or any(f not in files for f in wanted):
+        raise InputError("the job's base model or one of its files was deleted before it ran", param="training_file")
+    return _Inputs(job, base.path, files, tenant_name, resume)
+
+
+def _start(ctx: WorkerContext, lease: Lease, inputs: _Inputs) -> None:
+    """Forget what dead attempts did past the checkpoint this one resumes from, then announce the start."""
+    job, resume = inputs.job, inputs.resume
+    step = resume.step if resume is not None else 0
+    with lease.transaction() as session:
+        session.execute(delete(JobEventRow).where(JobEventRow.job_id == job.id, JobEventRow.type == "metrics",
+                                                  JobEventRow.step > step))
+        session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == job.id, CheckpointRow.step > step))
+        kept = set(session.scalars(select(CheckpointRow.storage_key).where(CheckpointRow.job_id == job.id)))
+        message = (f"Resuming from {resume.storage_key.rsplit('/', 1)[-1]} (attempt {lease.attempt})" if resume
+                   else "Fine-tuning job started" if lease.attempt == 1 else f"Restarting (attempt {lease.attempt})")
+        session.add(lease.event(message))
+    ctx.artifacts.prune(job_key(job.tenant_id, job.id), kept | {attempt_key(job.tenant_id, job.id, lease.attempt)})
 
 
 class ProgressRecorder:
-    """The core's progress callback: persists events/checkpoints and answers True once cancellation is requested."""
+    """The core's progress callback: writes metrics, checkpoints and the ETA through the lease; True = stop."""
 
-    def __init__(self, ctx: WorkerContext, job_id: str, job_key: str, flush_every_s: float = 1.0):
-        self.ctx, self.job_id, self.job_key, self.flush_every_s = ctx, job_id, job_key, flush_every_s
+    def __init__(self, lease: Lease, attempt: str, flush_every_s: float = 1.0):
+        self.lease, self.attempt, self.flush_every_s = lease, attempt, flush_every_s
         self.pending: list = []
         self.last_flush = 0.0
-        self.cancel = False
 
     def __call__(self, p) -> bool:
         metrics = {"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch, "train_loss": p.loss,
                    "learning_rate": p.lr, "tokens_seen": p.tokens_seen, "tokens_per_s": p.tokens_per_s}
+        text = f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}"
         if p.val_loss is not None:
             metrics["valid_loss"] = p.val_loss
-        text = f"Step {p.step}/{p.total_steps}: training loss={p.loss:.4f}"
-        self.pending.append((text + (f", validation loss={p.val_loss:.4f}" if p.val_loss is not None else ""), metrics))
+            text += f", validation loss={p.val_loss:.4f}"
+        self.pending.append(self.lease.event(text, type="metrics", data=metrics, step=p.step))
         if p.checkpoint is not None or time.monotonic() - self.last_flush >= self.flush_every_s:
-            self.flush(p, checkpoint=p.checkpoint)
-        return self.cancel
+            self.flush(p)
+        return self.lease.should_stop
 
-    def flush(self, p=None, checkpoint=None) -> None:
-        with self.ctx.db.sessions() as session:
-            for text, metrics in self.pending:
-                add_event(session, self.job_id, text, type="metrics", data=metrics)
-            self.pending.clear()
-            values = {}
-            if p is not None:
-                values = {"total_steps": p.total_steps, "estimated_finish": now() + int(p.eta_s)}
-            if checkpoint is not None:
-                key = f"{self.job_key}/checkpoints/{checkpoint.name}"
-                metrics = {"step": p.step, "train_loss": p.loss, "tokens_seen": p.tokens_seen}
-                if p.val_loss is not None:
-                    metrics["valid_loss"] = p.val_loss
-                session.add(CheckpointRow(id=new_id("ftckpt"), job_id=self.job_id, step=p.step, metrics=metrics,
-                                          storage_key=key, created_at=now()))
-                values["last_checkpoint"] = key
-                add_event(session, self.job_id, f"Checkpoint saved at step {p.step}")
-            if values:
-                session.execute(update(JobRow).where(JobRow.id == self.job_id).values(**values))
-            self.cancel = bool(session.scalar(select(JobRow.cancel_requested).where(JobRow.id == self.job_id)))
-            session.commit()
+    def flush(self, p=None) -> None:
+        """Write what is pending (raises `LeaseLost` when this attempt no longer owns the job)."""
+        events, values, rows = self.pending, {}, []
+        self.pending = []
+        if p is not None:
+            values = {"total_steps": p.total_steps, "estimated_finish": now() + int(p.eta_s)}
+        if p is not None and p.checkpoint is not None:
+            key = f"{self.attempt}/checkpoints/{p.checkpoint.name}"
+            metrics = {"step": p.step, "train_loss": p.loss, "tokens_seen": p.tokens_seen}
+            if p.val_loss is not None:
+                metrics["valid_loss"] = p.val_loss
+            rows.append(CheckpointRow(id=new_id("ftckpt"), job_id=self.lease.job_id, step=p.step, metrics=metrics,
+                                      storage_key=key, created_at=now()))
+            events.append(self.lease.event(f"Checkpoint saved at step {p.step}"))
+            values["last_checkpoint"] = key
+        self.lease.record([*rows, *events], **values)
         self.last_flush = time.monotonic()
 
 
-def run_training_job(ctx: WorkerContext, job_id: str) -> str:
-    """Train job `job_id` to a terminal state (or leave it alone if it already has one); returns its status."""
-    with ctx.db.sessions() as session:
-        job = session.scalar(select(JobRow).where(JobRow.id == job_id))
-        if job is None or job.status in FINISHED:
-            return job.status if job else "missing"
-        if job.cancel_requested:
-            move(session, JobRow, job_id, ("validating_files", "queued", "running"), "cancelled")
-            add_event(session, job_id, "Job cancelled before it started")
-            session.commit()
-            return "cancelled"
-        redelivered = job.status == "running"
-        if not move(session, JobRow, job_id, ("queued", "running"), "running", started_at=job.started_at or time.time()):
-            return job.status
-        resume_key = job.last_checkpoint if redelivered else None
-        add_event(session, job_id, f"Resuming from {resume_key.rsplit('/', 1)[-1]} after a redelivery" if resume_key
-                  else "Fine-tuning job started")
-        session.commit()
-        base = session.get(BaseModelRow, job.model)
-        files = {f.id: f for f in session.scalars(select(FileRow).where(FileRow.id.in_(
-            [job.training_file] + ([job.validation_file] if job.validation_file else []))))}
-        tenant_name = session.get(Tenant, job.tenant_id).name
+def _train(ctx: WorkerContext, lease: Lease) -> None:
+    from adapters.training import train
 
-    try:
-        if base is None or job.training_file not in files:
-            raise InputError("the job's base model or training file was deleted before it ran", param="training_file")
-        cfg = training_config(ctx, job, base.path, files, resume_key)
-        recorder = ProgressRecorder(ctx, job_id, job_dir_key(job))
-        from adapters.training import train
-
-        result = train(cfg, progress=recorder, base_model=base_models.get(base.path))
-        recorder.flush()
-    except InputError as exc:
-        return _fail(ctx, job_id, exc.code or "invalid_request", str(exc), exc.param)
-    except Exception as exc:  # noqa: BLE001 — any crash fails the job with its message; redelivery would repeat it
-        log.exception("training job %s crashed", job_id)
-        return _fail(ctx, job_id, "internal_error", f"{type(exc).__name__}: {exc}", None)
-
-    with ctx.db.sessions() as session:
-        if result.stopped:
-            move(session, JobRow, job_id, ("running",), "cancelled", trained_tokens=result.trained_tokens)
-            add_event(session, job_id, f"Job cancelled at step {result.steps}")
-            session.commit()
-            return "cancelled"
-        adapter_id = new_id("adapter")
-        adapter_key = f"adapters/{job.tenant_id}/{adapter_id}"
-        _store_adapter(ctx, result.adapter_dir, adapter_key)
-        metrics_file = _store_metrics(ctx, session, job, result.metrics_path)
-        name = f"ft:{job.model}:{tenant_name}:{job.suffix or ''}:{job.id}"
-        config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
-        targets = config.get("target_modules")
-        session.add(AdapterRow(id=adapter_id, tenant_id=job.tenant_id, name=name, base_model=job.model,
-                               rank=int(config["r"]), target_modules=sorted(targets) if isinstance(targets, list) else [targets],
-                               bytes=sum(f.stat().st_size for f in ctx.artifacts.local_path(adapter_key).iterdir()),
-                               job_id=job.id, fine_tuned_model=name, storage_key=adapter_key, created_at=now()))
-        if session.scalar(select(CheckpointRow.id).where(CheckpointRow.job_id == job_id, CheckpointRow.step == result.steps)) is None:
-            session.add(CheckpointRow(id=new_id("ftckpt"), job_id=job_id, step=result.steps, storage_key=adapter_key,
-                                      metrics={"step": result.steps, "train_loss": result.final_loss,
-                                               **({"valid_loss": result.val_loss} if result.val_loss is not None else {})},
-                                      created_at=now()))
-        moved = move(session, JobRow, job_id, ("running",), "succeeded", fine_tuned_model=name, adapter_id=adapter_id,
-                     trained_tokens=result.trained_tokens, result_files=[metrics_file], estimated_finish=None)
-        if moved:
-            add_event(session, job_id, f"New fine-tuned model created: {name}")
-            add_event(session, job_id, "The job has successfully completed")
-        session.commit()
-        if not moved:  # cancelled or failed under us; the adapter row stays with its files
-            return session.get(JobRow, job_id).status
-    return "succeeded"
+    inputs = _load(ctx, lease)
+    _start(ctx, lease, inputs)
+    attempt = attempt_key(inputs.job.tenant_id, inputs.job.id, lease.attempt)
+    recorder = ProgressRecorder(lease, attempt)
+    result = train(training_config(ctx, inputs, attempt), progress=recorder, base_model=base_models.get(inputs.base_path))
+    recorder.flush()
+    if result.stopped:
+        if lease.lost:
+            raise LeaseLost(f"fine-tuning job {lease.job_id} stopped: lease lost")
+        raise Cancelled(f"Fine-tuning job cancelled at step {result.steps}", trained_tokens=result.trained_tokens)
+    _succeed(ctx, lease, inputs, attempt, result)
 
 
-def training_config(ctx: WorkerContext, job: JobRow, base_path: str, files: dict, resume_key: str | None):
+def _succeed(ctx: WorkerContext, lease: Lease, inputs: _Inputs, attempt: str, result) -> None:
+    job = inputs.job
+    adapter_id, file_id = new_id("adapter"), new_id("file")
+    adapter_key = f"{attempt}/adapter"
+    ctx.artifacts.import_dir(adapter_key, result.adapter_dir, names=ADAPTER_FILES)
+    name = f"ft:{job.model}:{inputs.tenant_name}:{job.suffix or ''}:{job.id}"
+    config = json.loads((result.adapter_dir / CONFIG_NAME).read_text())
+    targets = config.get("target_modules")
+    metrics_path = Path(result.metrics_path)
+    rows = [
+        AdapterRow(id=adapter_id, tenant_id=job.tenant_id, name=name, base_model=job.model, rank=int(config["r"]),
+                   target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                   bytes=sum(f.stat().st_size for f in ctx.artifacts.local_path(adapter_key).iterdir()),
+                   job_id=job.id, fine_tuned_model=name, storage_key=adapter_key, created_at=now()),
+        FileRow(id=file_id, tenant_id=job.tenant_id, filename=f"{job.id}-{METRICS_FILE}", purpose="fine-tune-results",
+                bytes=metrics_path.stat().st_size, records=None, storage_key=f"{attempt}/{METRICS_FILE}",
+                created_at=now()),
+    ]
+    final = {"step": result.steps, "train_loss": result.final_loss}
+    if result.val_loss is not None:
+        final["valid_loss"] = result.val_loss
+    # the core never checkpoints the last step: the adapter is that checkpoint
+    rows.append(CheckpointRow(id=new_id("ftckpt"), job_id=job.id, step=result.steps, storage_key=adapter_key,
+                              metrics=final, created_at=now()))
+    lease.succeed(rows=rows, events=[lease.event(f"New fine-tuned model created: {name}"),
+                                     lease.event("The job has successfully completed")],
+                  fine_tuned_model=name, adapter_id=adapter_id, trained_tokens=result.trained_tokens,
+                  result_files=[file_id], estimated_finish=None)
+
+
+def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
     from adapters.training import TrainingConfig
 
-    hp, lora = job.hyperparameters, job.lora
+    job, hp, lora = inputs.job, inputs.job.hyperparameters, inputs.job.lora
 
     def path(file_id: str) -> str:
-        return str(ctx.artifacts.local_path(files[file_id].storage_key))
+        return str(ctx.artifacts.local_path(inputs.files[file_id].storage_key))
 
     targets = lora["target_modules"]
     return TrainingConfig(
-        base=base_path, data=path(job.training_file), out=str(ctx.artifacts.local_path(job_dir_key(job))),
+        base=inputs.base_path, data=path(job.training_file), out=str(ctx.artifacts.local_path(attempt)),
         validation=path(job.validation_file) if job.validation_file else None,
         rank=lora["rank"], alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
         targets=targets if isinstance(targets, str) else tuple(targets), use_rslora=lora["use_rslora"],
         epochs=hp["n_epochs"], lr=hp["learning_rate"], batch_size=hp["batch_size"], grad_accum=hp["grad_accum"],
         max_seq_len=hp["max_seq_len"], packing=hp["packing"], seed=job.seed, save_every=hp["checkpoint_every"],
         max_rank=ctx.settings.max_rank,
-        resume_from=str(ctx.artifacts.local_path(resume_key)) if resume_key else None,
+        resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
         cache_dir=str(ctx.settings.data_dir.resolve() / "cache" / "datasets"),
     )
-
-
-def _store_adapter(ctx: WorkerContext, adapter_dir, key: str) -> None:
-    with tempfile.TemporaryDirectory(dir=ctx.settings.data_dir) as tmp:
-        for name in ADAPTER_FILES:
-            shutil.copy2(Path(adapter_dir) / name, Path(tmp) / name)
-        ctx.artifacts.import_dir(key, Path(tmp))
-
-
-def _store_metrics(ctx: WorkerContext, session, job: JobRow, metrics_path) -> str:
-    file_id = new_id("file")
-    key = f"files/{job.tenant_id}/{file_id}.jsonl"
-    ctx.artifacts.import_file(key, metrics_path)
-    session.add(FileRow(id=file_id, tenant_id=job.tenant_id, filename=f"{job.id}-metrics.jsonl",
-                        purpose="fine-tune-results", bytes=metrics_path.stat().st_size, records=None, storage_key=key,
-                        created_at=now()))
-    return file_id
-
-
-def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, param: str | None) -> str:
-    with ctx.db.sessions() as session:
-        move(session, JobRow, job_id, ("queued", "running"), "failed", error={"code": code, "message": message, "param": param})
-        add_event(session, job_id, f"Job failed: {message}", level="error")
-        session.commit()
-    return "failed"
 

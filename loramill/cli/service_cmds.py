@@ -1,20 +1,19 @@
 """`loramill serve | worker | tenant create | model add | demo`.
 
-Embedded default: with no `LORAMILL_BROKER_URL`, `serve` starts a real Celery worker process
-(`loramill worker --pool solo`) beside the API; both use kombu's `filesystem://` transport under
-`<data_dir>/broker/` and the SQLite job store in `<data_dir>`, so one machine needs no Redis and
-no PostgreSQL. That transport does not redeliver the task of a worker that died, so `serve`
-enqueues again whatever was left `running` (`service.recovery`), and holds a lock so that only
-one embedded worker serves a data directory. With a broker configured, `serve` runs the API only
+Embedded default: with no `LORAMILL_BROKER_URL`, `serve` runs a real Celery worker process beside
+the API (`service.embedded`: restarted when it dies, killed when `serve` dies); both use kombu's
+`filesystem://` transport under `<data_dir>/broker/` and the SQLite job store in `<data_dir>`, so
+one machine needs no Redis and no PostgreSQL. With a broker configured, `serve` runs the API only
 and workers are started with `loramill worker --queues train` (GPU machines) / `--queues merge`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
-import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -22,11 +21,6 @@ import click
 def register(main: click.Group) -> None:
     for command in (serve, worker, tenant, model, demo):
         main.add_command(command)
-
-
-def worker_command(queues: str, pool: str, concurrency: int) -> list[str]:
-    return [sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues", queues,
-            "--pool", pool, "--concurrency", str(concurrency)]
 
 
 @click.command()
@@ -37,32 +31,49 @@ def serve(host: str | None, port: int | None) -> None:
     import uvicorn
 
     from loramill.settings import get_settings
-    from service.app import create_app
+    from service.app import create_app, reconciler_for
 
     settings = get_settings()
     app = create_app(settings)  # migrates the job store before any worker starts
     embedded = None
     if not settings.broker_url:
-        from service.recovery import hold_embedded_lock, requeue_orphans
+        from service.embedded import EmbeddedWorker, hold_embedded_lock, worker_env
 
         lock = hold_embedded_lock(settings.data_dir)  # noqa: F841 — held until the process exits
         services = app.state.services
-        for orphan in requeue_orphans(services.db, services.queue):
-            click.echo(f"re-enqueued {orphan}: it was running when the last embedded worker stopped", err=True)
-        env = {**os.environ, "LORAMILL_DATA_DIR": str(settings.data_dir.resolve())}
-        embedded = subprocess.Popen(worker_command("train,merge", "solo", 1), env=env)
-        click.echo(f"embedded worker pid {embedded.pid} on {settings.data_dir.resolve() / 'broker'}", err=True)
+        reconciler = reconciler_for(services)
+        reconciler.expire_all_leases()  # the lock is ours, and a worker dies with its serve: nobody runs them
+        for job_id in reconciler.run_once():
+            click.echo(f"re-enqueued {job_id}: it was running when the last embedded worker stopped", err=True)
+        embedded = EmbeddedWorker(settings.data_dir, reconciler, worker_env(settings.data_dir))
+        services.probes["worker"] = embedded.probe
+        embedded.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning")
     finally:
         if embedded is not None:
-            embedded.send_signal(signal.SIGTERM)
-            try:
-                embedded.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                embedded.kill()
+            embedded.stop()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`); exit if it already has."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        sys.exit(1)
+
+
+def _write_ready_file(path: str) -> None:
+    """Once the worker consumes, write its pid to `path` (what `service.embedded` waits for)."""
+    from celery.signals import worker_ready
+
+    from adapters.fsutil import atomic_write_bytes
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_kwargs) -> None:
+        atomic_write_bytes(Path(path), str(os.getpid()).encode())
 
 
 @click.command()
@@ -70,17 +81,27 @@ def serve(host: str | None, port: int | None) -> None:
 @click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork", show_default=True)
 @click.option("--concurrency", type=int, default=1, show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str, pool: str, concurrency: int, loglevel: str) -> None:
+@click.option("--parent-pid", type=int, default=None, help="Exit when this process (the parent) dies.")
+@click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the worker's pid here once it consumes.")
+def worker(queues: str, pool: str, concurrency: int, loglevel: str, parent_pid: int | None,
+           ready_file: str | None) -> None:
     """Run a Celery worker for the configured broker (embedded filesystem transport when none)."""
     from adapters.errors import InputError
+    from jobs.db import database, migrate
+    from jobs.queue import QUEUES
     from loramill.settings import get_settings
-    from service.db import database, migrate
-    from workers.celery_app import MERGE_QUEUE, TRAIN_QUEUE, app
+    from workers.celery_app import app
 
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = [q for q in names if q not in (TRAIN_QUEUE, MERGE_QUEUE)]
+    unknown = [q for q in names if q not in QUEUES]
     if unknown or not names:
-        raise InputError(f"unknown queue {unknown[0] if unknown else queues!r}; use train, merge or train,merge", param="queues")
+        raise InputError(f"unknown queue {unknown[0] if unknown else queues!r}; use {', '.join(QUEUES)} or both "
+                         "comma-separated", param="queues")
+    if ready_file is not None:
+        _write_ready_file(ready_file)
     url = get_settings().resolved_database_url
     migrate(url)
     database(url).engine.dispose()  # children of a prefork pool open their own connections
@@ -97,9 +118,9 @@ def tenant() -> None:
 @click.argument("name")
 def tenant_create(name: str) -> None:
     """Create tenant NAME and print its API key (shown once; only its hash is stored)."""
+    from jobs.db import database, migrate
+    from jobs.tenants import create_tenant
     from loramill.settings import get_settings
-    from service.auth import create_tenant
-    from service.db import database, migrate
 
     url = get_settings().resolved_database_url
     migrate(url)
@@ -119,9 +140,9 @@ def model() -> None:
 @click.argument("path")
 def model_add(name: str, path: str) -> None:
     """Register the checkpoint at PATH (local directory or hub id) as base model NAME."""
+    from jobs.base_models import register_base_model
+    from jobs.db import database, migrate
     from loramill.settings import get_settings
-    from service.db import database, migrate
-    from service.models_registry import register_base_model
 
     url = get_settings().resolved_database_url
     migrate(url)
@@ -137,6 +158,6 @@ def model_add(name: str, path: str) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: <data_dir>/demo.")
 def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
     """Fine-tune and merge through the HTTP API end to end, then compare generations before and after."""
-    from service.demo import run_demo
+    from loramill.cli.demo import run_demo
 
     run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out)

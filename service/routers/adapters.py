@@ -18,22 +18,22 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
+from adapters.checkpoint import PICKLE_SUFFIXES
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
+from adapters.peft_format import ADAPTER_FILES, CONFIG_NAME
+from jobs.artifacts import TooLarge, adapter_key
+from jobs.ids import new_id
+from jobs.store import FINISHED, base_model, get_owned, now, page
+from jobs.tables import AdapterRow, MergeRow
+from jobs.tenants import check_name
 from service.archive import tar_stream
-from service.artifacts import TooLarge
-from service.auth import check_name
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
-from service.ids import new_id
 from service.objects import adapter_object, listing
-from service.store import FINISHED, base_model, get_owned, now, page
-from service.tables import AdapterRow, MergeRow
 from service.uploads import form_files, form_text, plain_filename, read_form, too_large
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @router.post("")
@@ -64,7 +64,7 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
     from adapters.peft_format import validate_adapter
 
     adapter_id = new_id("adapter")
-    key = f"adapters/{tenant_id}/{adapter_id}"
+    key = adapter_key(tenant_id, adapter_id)
     target = services.artifacts.local_path(key)
     limit = services.settings.max_upload_bytes
     try:
@@ -78,7 +78,7 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
                             raise TooLarge(limit)
                         out.write(chunk)
             validate_adapter(tmp, base.path, max_rank=services.settings.max_rank)
-            config = json.loads((tmp / "adapter_config.json").read_text())
+            config = json.loads((tmp / CONFIG_NAME).read_text())
     except TooLarge:
         raise too_large(limit) from None
     except InputError as exc:

@@ -15,13 +15,13 @@ from fastapi.responses import FileResponse
 from sqlalchemy import or_, select
 
 from adapters.errors import InputError
-from service.artifacts import TooLarge
+from jobs.artifacts import TooLarge, file_key
+from jobs.ids import new_id
+from jobs.store import FINISHED, get_owned, now, page
+from jobs.tables import FileRow, JobRow
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
-from service.ids import new_id
 from service.objects import file_object, listing
-from service.store import FINISHED, get_owned, now, page
-from service.tables import FileRow, JobRow
 from service.uploads import form_files, form_text, plain_filename, read_form, too_large
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -47,7 +47,7 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     from adapters.data import DataConfig, validate_jsonl
 
     file_id = new_id("file")
-    key = f"files/{tenant_id}/{file_id}.jsonl"
+    key = file_key(tenant_id, file_id)
     store, limit = services.artifacts, services.settings.max_upload_bytes
     try:
         size, _ = store.write_stream(key, upload.file, max_bytes=limit)

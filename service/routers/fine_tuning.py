@@ -5,8 +5,7 @@ ranks above `max_rank`, target modules the base lacks → 4xx, nothing stored). 
 validated line by line when uploaded, so file validation (`validating_files`) completes within
 the request: the job row is committed as `queued`, and only then is its task enqueued.
 
-Create is the hot route (design.md: p99 < 50 ms at 100 jobs/s on one API process). Its whole
-unit of work (two lookups, two INSERTs, one commit, the enqueue) runs in one thread-pool hop
+Create is the hot route (design.md sets its latency target). Its whole unit of work (two lookups, two INSERTs, one commit, the enqueue) runs in one thread-pool hop
 on a Core connection of its own: the request-scoped `SessionDep` would cost two more hops
 (FastAPI enters and leaves a sync generator dependency in the pool), and nothing here needs
 what an ORM session adds to every statement (identity map, ORM compilation, flush).
@@ -17,6 +16,7 @@ learning_rate_multiplier 1.0 (the learning rate is 2e-4 × the multiplier).
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -24,14 +24,15 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Row, bindparam, select
 
 from adapters.errors import InputError
+from jobs.errors import NotFound
+from jobs.ids import new_id
+from jobs.lifecycle import FINE_TUNING, new_event, request_cancel, submit
+from jobs.store import base_model, get_owned, insert_new, now, page
+from jobs.tables import CheckpointRow, FileRow, JobEventRow, JobRow
 from service.deps import Services, ServicesDep, SessionDep, TenantDep
-from service.errors import APIError, not_found
-from service.ids import new_id
+from service.errors import APIError
 from service.objects import checkpoint_object, event_object, job_object, listing
-from service.queue import commit_then_enqueue
 from service.schemas import FineTuningJobCreate, Hyperparameters, LoraOptions
-from service.store import base_model, get_owned, insert_new, job_event, now, page, request_cancel
-from service.tables import CheckpointRow, FileRow, JobEventRow, JobRow
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 BASE_LEARNING_RATE = 2e-4
@@ -88,7 +89,7 @@ def _datasets(conn: Connection, tenant_id: str, body: FineTuningJobCreate) -> tu
         if file_id is None:
             continue
         if file_id not in found:
-            raise not_found("file", file_id, param)
+            raise NotFound.of("file", file_id, param)
         if found[file_id].purpose != "fine-tune":
             raise APIError(400, f"{param}: file {file_id} has purpose {found[file_id].purpose!r}, not 'fine-tune'",
                            param=param, code="invalid_file_purpose")
@@ -111,10 +112,10 @@ def _create_job(body: FineTuningJobCreate, services: Services, tenant_id: str) -
                      validation_file=val_file.id if val_file else None, hyperparameters=hp, lora=lora,
                      method={"type": "supervised"}, metadata_=body.metadata, suffix=body.suffix,
                      seed=body.seed if body.seed is not None else 0, status="queued", cancel_requested=False,
-                     result_files=[], created_at=now())
-        insert_new(conn, job, job_event(job.id, f"Validating training file: {train_file.id}"),
-                   job_event(job.id, "Files validated, moving job to queued state"))
-        commit_then_enqueue(conn, JobRow, job.id, services.queue.enqueue_training, "job")
+                     result_files=[], created_at=now(), enqueued_at=time.time())
+        insert_new(conn, job, new_event(FINE_TUNING, job.id, f"Validating training file: {train_file.id}"),
+                   new_event(FINE_TUNING, job.id, "Files validated, moving job to queued state"))
+        submit(conn, FINE_TUNING, job.id, services.queue)
         return job_object(job)
 
 
@@ -134,7 +135,8 @@ def retrieve_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
 @router.post("/{job_id}/cancel")
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     job = get_owned(session, JobRow, job_id, tenant.id, "fine-tuning job", "fine_tuning_job_id")
-    request_cancel(session, job)
+    request_cancel(session, FINE_TUNING, job.id)
+    session.refresh(job)
     return job_object(job)
 
 

@@ -1,4 +1,5 @@
-"""`/healthz` (the process answers), `/readyz` (database and broker reachable), `/metrics` (Prometheus)."""
+"""`/healthz` (the process answers), `/readyz` (database and broker reachable, the embedded worker
+running when there is one), `/metrics` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def healthz() -> dict:
 @router.get("/readyz")
 def readyz(services: ServicesDep) -> JSONResponse:
     checks = {}
-    for name, probe in (("database", services.db.ping), ("broker", services.queue.ping)):
+    for name, probe in {"database": services.db.ping, "broker": services.queue.ping, **services.probes}.items():
         try:
             probe()
             checks[name] = "ok"

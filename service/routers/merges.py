@@ -3,26 +3,28 @@
 `adapters[].adapter` is an adapter id or a fine-tuned model name (`ft:…`). Finished merges list
 their files with sizes and sha256 (from the checkpoint's `loramill-manifest.json`); one file
 downloads with HTTP `Range` support and an `X-Content-Sha256` header, the whole checkpoint as a tar.
-`POST /v1/merges/{id}/cancel` stops a queued or running merge (status `cancelled`, nothing kept).
+`POST /v1/merges/{id}/cancel` stops a queued or running merge (status `cancelled`, nothing kept);
+`GET /v1/merges/{id}/events` pages its event log (start, progress, end), as fine-tuning jobs do.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import select, update
+from sqlalchemy import select
 
+from jobs.ids import new_id
+from jobs.lifecycle import MERGE, request_cancel, submit
+from jobs.store import adapter_by_ref, base_model, get_owned, now, page
+from jobs.tables import MergeEventRow, MergeRow
 from service.archive import tar_stream
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
-from service.ids import new_id
-from service.objects import listing, merge_object
-from service.queue import commit_then_enqueue
+from service.objects import event_object, listing, merge_object
 from service.schemas import MergeCreate
-from service.store import FINISHED, adapter_by_ref, base_model, get_owned, move, now, page
-from service.tables import MergeRow
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
 SHA_HEADER = "X-Content-Sha256"
@@ -43,9 +45,9 @@ def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, 
         refs.append({"adapter": item.adapter, "adapter_id": adapter.id, "weight": float(item.weight)})
     request = {**body.model_dump(exclude={"adapters", "base_model"}), "adapters": refs}
     row = MergeRow(id=new_id("merge"), tenant_id=tenant.id, base_model=base.name, request=request, status="queued",
-                   files=[], created_at=now())
+                   files=[], created_at=now(), enqueued_at=time.time())
     session.add(row)
-    commit_then_enqueue(session, MergeRow, row.id, services.queue.enqueue_merge, "merge")
+    submit(session, MERGE, row.id, services.queue)
     return merge_object(row)
 
 
@@ -61,14 +63,18 @@ def list_merges(session: SessionDep, tenant: TenantDep, after: str | None = None
 def cancel_merge(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """A queued merge is cancelled at once; a running one is flagged and its worker stops within a second."""
     row = get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id")
-    if row.status in FINISHED:
-        raise APIError(409, f"Merge {merge_id} has already {row.status}; it cannot be cancelled", param="merge_id",
-                       code="merge_finished")
-    if not move(session, MergeRow, merge_id, ("queued",), "cancelled", cancel_requested=True):
-        session.execute(update(MergeRow).where(MergeRow.id == merge_id).values(cancel_requested=True))
-    session.commit()
+    request_cancel(session, MERGE, row.id)
     session.refresh(row)
     return merge_object(row)
+
+
+@router.get("/{merge_id}/events")
+def list_merge_events(merge_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
+    get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id")
+    scope = MergeEventRow.merge_id == merge_id
+    rows, more = page(session, select(MergeEventRow).where(scope), MergeEventRow, after=after, limit=limit, scope=scope)
+    return listing([event_object(r, "merge.event") for r in rows], more)
 
 
 @router.get("/{merge_id}")

@@ -6,12 +6,12 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
+from jobs.base_models import register_base_model
+from jobs.errors import NotFound
+from jobs.tables import AdapterRow, BaseModelRow
 from service.deps import AdminDep, SessionDep, TenantDep
-from service.errors import not_found
-from service.models_registry import register_base_model
 from service.objects import base_model_object, listing, model_object
 from service.schemas import ModelCreate
-from service.tables import AdapterRow, BaseModelRow
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -37,7 +37,7 @@ def retrieve_model(model: str, session: SessionDep, tenant: TenantDep) -> dict:
         return base_model_object(row)
     adapter = _fine_tuned(session, tenant.id, model).first()
     if adapter is None:
-        raise not_found("model", model, "model")
+        raise NotFound.of("model", model, "model")
     return model_object(adapter.fine_tuned_model, adapter.created_at, tenant.name)
 
 

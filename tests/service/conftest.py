@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from loramill.settings import Settings
 from service.app import create_app
-from service.auth import create_tenant
-from service.models_registry import register_base_model
+from jobs.tenants import create_tenant
+from jobs.base_models import register_base_model
 
 ADMIN_KEY = "admin-secret-key"
 

@@ -12,8 +12,8 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from service.store import now
-from service.tables import FileRow, JobRow, MergeRow
+from jobs.store import now
+from jobs.tables import FileRow, JobRow, MergeRow
 from tests.service.conftest import ADMIN_KEY, chat_lines, stored_files
 
 

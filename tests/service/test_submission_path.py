@@ -10,15 +10,16 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from celery import Celery
+
+from jobs.ids import new_id
+from jobs.queue import TRAIN_QUEUE, TRAIN_TASK, JobQueue, celery_config
+from jobs.redis_transport import PublishChannel
+from jobs.tables import FileRow
 from loramill.settings import Settings
 from service.app import create_app
-from service.ids import new_id
-from service.queue import JobQueue
-from service.redis_transport import PublishChannel
-from service.tables import FileRow
 from tests.service.conftest import chat_lines
 from tests.services import free_redis_url, release_redis
-from workers.celery_app import TRAIN_QUEUE, TRAIN_TASK, create_celery
 
 
 def test_a_created_job_reads_back_exactly_as_returned_with_its_two_events(api):
@@ -73,15 +74,16 @@ def redis_queue(tmp_path):
 
 def test_with_redis_the_api_publishes_plain_celery_messages_through_one_client_per_channel(redis_queue, tmp_path):
     queue, broker = redis_queue
-    queue.enqueue_training("ftjob-a")
-    queue.enqueue_training("ftjob-b")
+    queue.send(TRAIN_QUEUE, TRAIN_TASK, "ftjob-a")
+    queue.send(TRAIN_QUEUE, TRAIN_TASK, "ftjob-b")
     with queue.celery.producer_pool.acquire(block=True) as producer:
         channel = producer.channel
         assert isinstance(channel, PublishChannel)
         assert channel._create_client() is channel._create_client()
     assert redis.Redis.from_url(broker).llen(TRAIN_QUEUE) == 2
 
-    worker_app = create_celery(Settings(data_dir=tmp_path / "worker", broker_url=broker))  # the stock transport
+    worker_app = Celery("worker", set_as_current=False)  # the stock transport, as workers consume
+    worker_app.conf.update(celery_config(Settings(data_dir=tmp_path / "worker", broker_url=broker)))
     with worker_app.connection_for_read() as conn, conn.SimpleQueue(TRAIN_QUEUE) as simple:
         received = [simple.get(timeout=5) for _ in range(2)]
         for message in received:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import delete, event
 
-from service.auth import key_digest
-from service.ids import new_id
-from service.tables import ApiKey, Tenant
+from jobs.tenants import key_digest
+from jobs.ids import new_id
+from jobs.tables import ApiKey, Tenant
 from service.tenant_cache import TenantCache, TenantRef
 
 

@@ -7,7 +7,7 @@ import json
 
 from sqlalchemy import func, select
 
-from service.tables import FileRow
+from jobs.tables import FileRow
 from tests.service.conftest import stored_files
 
 CHUNK = 16 * 1024

@@ -6,10 +6,11 @@ Merges are created through the real API route; `run_merge_job` is what the Celer
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 import merge.streaming as streaming
-from service.tables import MergeRow
+from workers import merging
+from jobs.tables import MergeRow
 from tests.service.test_api import upload_adapter
 from workers.context import context_for
 from workers.merging import run_merge_job
@@ -60,14 +61,22 @@ def test_queued_merge_cancelled_never_runs(api, ctx, peft_adapter):
 
 def test_running_merge_cancelled_stops_and_keeps_nothing(api, ctx, peft_adapter, monkeypatch):
     merge_id = create_merge(api, peft_adapter)
-    with ctx.db.sessions() as session:  # a worker has picked it up (e.g. before a redelivery)
-        session.execute(update(MergeRow).where(MergeRow.id == merge_id).values(status="running"))
-        session.commit()
-    response = cancel(api, merge_id)
-    assert response.status_code == 200 and response.json()["status"] == "running"  # flagged; the worker stops it
+    responses = []
+
+    def cancel_at_first_progress(self, done, total):  # the tenant cancels while the merge is writing
+        if not responses:
+            responses.append(cancel(api, merge_id))
+        return progress(self, done, total)
+
+    progress = merging.MergeProgress.__call__
+    monkeypatch.setattr(merging.MergeProgress, "__call__", cancel_at_first_progress)
     monkeypatch.setattr(streaming, "BLOCK_ELEMENTS", 1024)  # many progress calls, so it stops part-way
     assert run_merge_job(ctx, merge_id) == "cancelled"
+    assert responses[0].status_code == 200 and responses[0].json()["status"] == "running"  # flagged; the worker stops
     row = merge_row(ctx, merge_id)
     assert row.status == "cancelled" and row.files == [] and row.storage_key is None
     out = ctx.artifacts.local_path(f"merges/{row.tenant_id}/{merge_id}")
     assert not out.exists() and list(out.parent.iterdir()) == []  # no temporary directory left either
+    events = api.client.get(f"/v1/merges/{merge_id}/events", headers=api.auth("alice")).json()["data"]
+    assert [e["message"] for e in events if e["type"] == "message"] == ["Merge cancelled; its partial output was discarded",
+                                                  "Cancellation requested", "Merge started"]

@@ -9,13 +9,16 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import select
+import torch
+from sqlalchemy import select, update
 
-from service.tables import AdapterRow, CheckpointRow, JobEventRow, JobRow
+from jobs.reconciler import Reconciler
+from jobs.tables import AdapterRow, CheckpointRow, JobEventRow, JobRow
 from tests.service.conftest import chat_lines
+from workers import training
 from workers.context import context_for
-from workers.model_cache import base_models
-from workers.training import run_training_job
+from workers.model_cache import BaseModelCache, base_models
+from workers.training import ProgressRecorder, run_training_job
 
 
 @pytest.fixture
@@ -93,22 +96,94 @@ def test_cancel_while_running_stops_within_seconds(api, ctx):
         assert session.scalar(select(AdapterRow).where(AdapterRow.job_id == job_id)) is None
 
 
-def test_redelivered_running_job_resumes_from_its_last_checkpoint(api, ctx):
-    job_id = create_job(api, n_records=16, n_epochs=1, checkpoint_every=2)  # 4 steps
-    assert run_training_job(ctx, job_id) == "succeeded"
-    # a worker that died after the step-2 checkpoint leaves the job running with that checkpoint recorded
+class WorkerDied(BaseException):
+    """Stands for a `kill -9`: not an `Exception`, so the life cycle records nothing as the worker 'dies'."""
+
+
+def adapter_tensors(ctx, job_id) -> dict:
+    from safetensors.torch import load_file
+
     with ctx.db.sessions() as session:
-        job = session.scalar(select(JobRow).where(JobRow.id == job_id))
-        ckpt = session.scalar(select(CheckpointRow).where(CheckpointRow.job_id == job_id, CheckpointRow.step == 2))
-        job.status, job.finished_at, job.fine_tuned_model, job.last_checkpoint = "running", None, None, ckpt.storage_key
-        for row in session.scalars(select(AdapterRow).where(AdapterRow.job_id == job_id)):
-            session.delete(row)
+        rows = list(session.scalars(select(AdapterRow).where(AdapterRow.job_id == job_id)))
+    assert len(rows) == 1
+    return load_file(str(ctx.artifacts.local_path(rows[0].storage_key) / "adapter_model.safetensors"))
+
+
+def metrics_steps(ctx, job_id) -> list[int]:
+    return [e.step for e in events(ctx, job_id) if e.type == "metrics"]
+
+
+def test_an_attempt_after_a_dead_worker_resumes_at_its_checkpoint_with_nothing_doubled(api, ctx, monkeypatch):
+    uninterrupted = create_job(api, n_records=16, n_epochs=2, checkpoint_every=3)  # 8 steps
+    assert run_training_job(ctx, uninterrupted) == "succeeded"
+    job_id = create_job(api, n_records=16, n_epochs=2, checkpoint_every=3)
+    record = ProgressRecorder.__call__
+
+    def die_after_step_4(self, p):  # the step-3 checkpoint and step 4's metrics are written, then the process dies
+        done = record(self, p)
+        if p.step == 4:
+            self.flush(p)
+            raise WorkerDied
+        return done
+
+    monkeypatch.setattr(ProgressRecorder, "__call__", die_after_step_4)
+    with pytest.raises(WorkerDied):
+        run_training_job(ctx, job_id)
+    monkeypatch.undo()
+    assert metrics_steps(ctx, job_id) == [1, 2, 3, 4] and job_row(ctx, job_id).status == "running"
+    assert run_training_job(ctx, job_id) == "running"  # its lease has not expired: nobody may take the job
+    with ctx.db.sessions() as session:  # time passes: the dead worker's lease expires
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(lease_expires_at=0))
         session.commit()
-    before = len(events(ctx, job_id))
+
     assert run_training_job(ctx, job_id) == "succeeded"
-    new = events(ctx, job_id)[before:]
-    assert new[0].message == "Resuming from step-000002 after a redelivery"
-    assert [e.data["step"] for e in new if e.type == "metrics"] == [3, 4]
+    job = job_row(ctx, job_id)
+    assert job.attempts == 2 and job.status == "succeeded" and len(job.result_files) == 1
+    messages = [e.message for e in events(ctx, job_id) if e.type == "message"]
+    assert "Resuming from step-000003 (attempt 2)" in messages
+    assert metrics_steps(ctx, job_id) == list(range(1, 9))  # step 4 of the dead attempt was dropped and redone
+    with ctx.db.sessions() as session:
+        steps = sorted(c.step for c in session.scalars(select(CheckpointRow).where(CheckpointRow.job_id == job_id)))
+    assert steps == [3, 6, 8]
+    a, b = adapter_tensors(ctx, uninterrupted), adapter_tensors(ctx, job_id)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    attempts = sorted(p.name for p in ctx.artifacts.local_path(f"jobs/{job.tenant_id}/{job_id}").iterdir())
+    assert attempts == ["attempt-1", "attempt-2"]  # attempt 1 keeps only its step-3 checkpoint
+    assert [p.name for p in ctx.artifacts.local_path(f"jobs/{job.tenant_id}/{job_id}/attempt-1").rglob("*")
+            if p.parent.name == "checkpoints"] == ["step-000003"]
+
+
+def test_a_stale_worker_writes_nothing_once_another_holds_the_job(api, ctx, monkeypatch):
+    """Two workers hold one job: A (whose lease expired while it was stalled) and B, which took it over."""
+    job_id = create_job(api, n_records=16, n_epochs=2)  # 8 steps
+    stalled, resume_a = threading.Event(), threading.Event()
+    record = ProgressRecorder.__call__
+
+    def stall_at_step_2(self, p):
+        if p.step == 2 and not stalled.is_set():
+            stalled.set()
+            resume_a.wait(120)
+        return record(self, p)
+
+    monkeypatch.setattr(ProgressRecorder, "__call__", stall_at_step_2)
+    outcome_a = []
+    worker_a = threading.Thread(target=lambda: outcome_a.append(run_training_job(ctx, job_id)))
+    worker_a.start()
+    assert stalled.wait(120)
+    with ctx.db.sessions() as session:  # A stalls past its lease (a long GC pause, a frozen VM, a partition)
+        session.execute(update(JobRow).where(JobRow.id == job_id).values(lease_expires_at=0))
+        session.commit()
+    reconciler = Reconciler(ctx.db, api.app.state.services.queue, interval_s=1, resend_after_s=60)
+    assert job_id in reconciler.run_once()
+    monkeypatch.setattr(training, "base_models", BaseModelCache())  # B is another process: its own model
+    assert run_training_job(ctx, job_id) == "succeeded"  # worker B
+    resume_a.set()
+    worker_a.join(120)
+    assert outcome_a == ["lease_lost"]
+    job = job_row(ctx, job_id)
+    assert job.status == "succeeded" and job.attempts == 2 and job.error is None
+    assert metrics_steps(ctx, job_id) == list(range(1, 9))  # A's step 2 never landed, nor anything after it
+    adapter_tensors(ctx, job_id)  # exactly one adapter row
 
 
 def test_job_cancelled_while_queued_never_trains(api, ctx):

@@ -1,6 +1,9 @@
 """The artifact store: where uploaded files, adapters, checkpoints and merged models live.
 
-Keys are relative POSIX paths (`files/file-…`, `adapters/adapter-…/`, `merges/merge-…/`).
+Keys are relative POSIX paths, built by the `*_key` functions below (the one place that knows
+the layout): `files/<tenant>/<file>.jsonl`, `adapters/<tenant>/<adapter>/`,
+`jobs/<tenant>/<job>/attempt-<n>/` (one training attempt: checkpoints, metrics, its adapter),
+`merges/<tenant>/<merge>/`.
 The core (`adapters/`, `merge/`) works on local paths, so the interface hands out
 `local_path(key)`; on a shared filesystem (the deployment in docker-compose.yml mounts one
 volume into the API and every worker) that is the file itself. Every write lands under a
@@ -18,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from adapters.errors import InputError
-from adapters.fsutil import atomic_directory
+from adapters.fsutil import atomic_directory, leftovers
 
 
 def check_key(key: str) -> str:
@@ -29,6 +32,27 @@ def check_key(key: str) -> str:
     return key
 
 
+def file_key(tenant_id: str, file_id: str) -> str:
+    return f"files/{tenant_id}/{file_id}.jsonl"
+
+
+def adapter_key(tenant_id: str, adapter_id: str) -> str:
+    return f"adapters/{tenant_id}/{adapter_id}"
+
+
+def job_key(tenant_id: str, job_id: str) -> str:
+    return f"jobs/{tenant_id}/{job_id}"
+
+
+def attempt_key(tenant_id: str, job_id: str, attempt: int) -> str:
+    """Where one attempt (claim) of a training job writes: never shared with another attempt."""
+    return f"{job_key(tenant_id, job_id)}/attempt-{attempt}"
+
+
+def merge_key(tenant_id: str, merge_id: str) -> str:
+    return f"merges/{tenant_id}/{merge_id}"
+
+
 class ArtifactStore(Protocol):
     def write_stream(self, key: str, stream: BinaryIO, *, max_bytes: int | None = None) -> tuple[int, str]:
         """Copy `stream` to `key`; returns (bytes, sha256 hex). Raises `TooLarge` past `max_bytes`."""
@@ -36,8 +60,8 @@ class ArtifactStore(Protocol):
     def import_file(self, key: str, src: Path) -> None:
         """Copy a local file to `key`."""
 
-    def import_dir(self, key: str, src: Path) -> None:
-        """Copy a local directory tree to `key` (replacing what was there)."""
+    def import_dir(self, key: str, src: Path, names: tuple[str, ...] | None = None) -> None:
+        """Copy a local directory tree (or only its files `names`) to `key`, replacing what was there."""
 
     def local_path(self, key: str) -> Path:
         """A local path holding `key`'s content (file or directory)."""
@@ -46,6 +70,12 @@ class ArtifactStore(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove a file or a directory tree; a missing key is not an error."""
+
+    def prune(self, key: str, keep: set[str]) -> None:
+        """Remove everything under directory `key` except the keys in `keep` (and the directories holding them)."""
+
+    def remove_temporaries(self, key: str) -> None:
+        """Remove what an interrupted write of `key` left beside it (its temporary and replaced copies)."""
 
 
 class TooLarge(Exception):
@@ -92,10 +122,13 @@ class LocalArtifactStore:
         with open(src, "rb") as f:
             self.write_stream(key, f)
 
-    def import_dir(self, key: str, src: Path) -> None:
+    def import_dir(self, key: str, src: Path, names: tuple[str, ...] | None = None) -> None:
         target = self.local_path(key)
         with atomic_directory(target, overwrite=True, durable=True) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            if names is None:
+                shutil.copytree(src, tmp, dirs_exist_ok=True)
+            for name in names or ():
+                shutil.copy2(Path(src) / name, tmp / name)
 
     def delete(self, key: str) -> None:
         path = self.local_path(key)
@@ -103,3 +136,26 @@ class LocalArtifactStore:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+    def prune(self, key: str, keep: set[str]) -> None:
+        root = self.local_path(key)
+        kept = {self.local_path(k) for k in keep}
+        holding = {parent for path in kept for parent in path.parents}
+        if not root.is_dir():
+            return
+        for path in sorted(root.iterdir()):
+            if path in kept:
+                continue
+            if path in holding:
+                self.prune(path.relative_to(self.root).as_posix(), keep)
+            elif path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    def remove_temporaries(self, key: str) -> None:
+        for path in leftovers(self.local_path(key)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

@@ -1,8 +1,7 @@
 """OpenAI-style public ids: `<prefix>-<24 url-safe random characters>`.
 
 The 24 characters are one uniform draw below 62**24 written in base 62: one `os.urandom`
-call per id, where drawing each character with `secrets.choice` made 24 (26 µs an id, three ids
-per created job).
+call per id, where drawing each character with `secrets.choice` would make 24.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from service.db import normalize_url, ping_after_idle
+from jobs.db import normalize_url, ping_after_idle
 from tests.services import postgres_database
 
 
@@ -80,10 +80,10 @@ def test_a_connection_dropped_while_in_steady_use_fails_one_statement_then_the_p
 
 
 def test_the_job_store_pool_pings_idle_connections(pg_url, monkeypatch):
-    import service.db
+    import jobs.db
 
-    monkeypatch.setattr(service.db, "PING_AFTER_IDLE_S", 0.05)
-    engine = service.db.database(pg_url).engine
+    monkeypatch.setattr(jobs.db, "PING_AFTER_IDLE_S", 0.05)
+    engine = jobs.db.database(pg_url).engine
     pid = _backend_pid(engine)
     _terminate(pg_url, pid)
     assert _backend_pid(engine) != pid

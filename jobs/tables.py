@@ -1,7 +1,7 @@
 """The job store's tables (SQLAlchemy 2 declarative).
 
-Every row a tenant can see carries `tenant_id`; routers look rows up through
-`service.store.get_owned`, so another tenant's id is indistinguishable from an unknown one.
+Every row a tenant can see carries `tenant_id`; lookups go through `jobs.store.get_owned`, so
+another tenant's id is indistinguishable from an unknown one.
 Public ids are OpenAI-style strings (`file-…`, `ftjob-…`); `seq` is an ever-growing integer
 that orders lists and backs `after=` cursors. Times are unix seconds, as OpenAI returns them.
 """
@@ -18,6 +18,39 @@ SeqType = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrement
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON(none_as_null=True), list[Any]: JSON(none_as_null=True)}
+
+
+class Leased:
+    """The columns of a job that workers claim (`jobs.lifecycle`).
+
+    `lease_token` / `lease_expires_at`: who runs the job now and until when, renewed by the
+    running worker; every write it makes is conditional on the token. `attempts` counts claims.
+    `enqueued_at`: when its task was last sent to the broker (the reconciler resends lost ones).
+    """
+
+    status: Mapped[str] = mapped_column(String(24), index=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    lease_token: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    enqueued_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class Event:
+    """One line of a job's event log: a message, or a metrics record (`type="metrics"`, `step` set)."""
+
+    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16))  # "message" | "metrics"
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    step: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Tenant(Base):
@@ -60,7 +93,7 @@ class FileRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
-class JobRow(Base):
+class JobRow(Leased, Base):
     """A fine-tuning job. `hyperparameters`/`lora` hold the resolved values the worker trains with."""
 
     __tablename__ = "fine_tuning_jobs"
@@ -76,31 +109,19 @@ class JobRow(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
     suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     seed: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(24), index=True)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
     adapter_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_checkpoint: Mapped[str | None] = mapped_column(Text, nullable=True)  # artifact key
     result_files: Mapped[list[Any]]
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
-    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
-class JobEventRow(Base):
+class JobEventRow(Event, Base):
     __tablename__ = "fine_tuning_job_events"
-    seq: Mapped[int] = mapped_column(SeqType, primary_key=True, autoincrement=True)
-    id: Mapped[str] = mapped_column(String(40), unique=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
-    created_at: Mapped[int] = mapped_column(BigInteger)
-    level: Mapped[str] = mapped_column(String(8))
-    message: Mapped[str] = mapped_column(Text)
-    type: Mapped[str] = mapped_column(String(16))  # "message" | "metrics"
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class CheckpointRow(Base):
@@ -132,7 +153,7 @@ class AdapterRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
 
 
-class MergeRow(Base):
+class MergeRow(Leased, Base):
     """A merge job. `request` holds the resolved merge options and adapter refs; `files` the manifest's file list."""
 
     __tablename__ = "merges"
@@ -141,11 +162,11 @@ class MergeRow(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     base_model: Mapped[str] = mapped_column(String(64))
     request: Mapped[dict[str, Any]]
-    status: Mapped[str] = mapped_column(String(24), index=True)
     files: Mapped[list[Any]]
     storage_key: Mapped[str | None] = mapped_column(Text, nullable=True)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[int] = mapped_column(BigInteger)
-    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class MergeEventRow(Event, Base):
+    __tablename__ = "merge_events"
+    merge_id: Mapped[str] = mapped_column(ForeignKey("merges.id", ondelete="CASCADE"), index=True)

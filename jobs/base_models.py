@@ -5,9 +5,9 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from adapters.errors import InputError
-from service.auth import check_name
-from service.store import now
-from service.tables import BaseModelRow
+from jobs.store import now
+from jobs.tables import BaseModelRow
+from jobs.tenants import check_name
 
 
 def register_base_model(session: Session, name: str, path: str) -> BaseModelRow:

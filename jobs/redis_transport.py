@@ -1,13 +1,13 @@
 """kombu's Redis transport for the API's publishing side, with one redis-py client per channel.
 
 kombu's Redis channel builds a new `redis.Redis` client for every command it sends outside its
-consumer loop, so every published task paid for a client whose constructor fills a
-case-insensitive table of ~170 response callbacks: measured, about half the CPU of a Celery
-`send_task` (a ~0.6 ms publish). This channel builds that client once and reuses it; redis-py
-clients are thread-safe and all of them share the channel's connection pool anyway, so the
-commands, the connections and the messages are exactly kombu's.
+consumer loop, so every published task pays for a client whose constructor fills a
+case-insensitive table of ~170 response callbacks, a large part of a Celery `send_task`. This
+channel builds that client once and reuses it; redis-py clients are thread-safe and all of them
+share the channel's connection pool anyway, so the commands, the connections and the messages
+are exactly kombu's.
 
-Only the API's Celery app uses it (`service.queue.JobQueue`); workers consume with the stock
+Only the publishing side uses it (`jobs.queue.JobQueue`); workers consume with the stock
 transport.
 """
 

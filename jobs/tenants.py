@@ -1,28 +1,34 @@
 """Tenants and their API keys.
 
-A key is `lm-` + 43 url-safe random characters (256 bits). Only its sha256 is stored: a
-key this random needs no slow hash, and lookup by digest is one indexed read, which the API
-caches for a few seconds per process (`service.tenant_cache`).
-The admin key comes from settings (`LORAMILL_ADMIN_KEY`) and is never stored.
+A key is `lm-` + 43 url-safe random characters (256 bits). Only its sha256 is stored: a key this
+random needs no slow hash, and lookup by digest is one indexed read (which the API caches for a
+few seconds per process).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 import time
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from adapters.errors import InputError
-from service.ids import new_id
-from service.tables import ApiKey, Tenant
-from service.tenant_cache import TenantRef
+from jobs.ids import new_id
+from jobs.tables import ApiKey, Tenant
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TenantRef:
+    """A tenant as requests use it: its id (ownership checks) and name (`owned_by`)."""
+
+    id: str
+    name: str
 
 
 def key_digest(key: str) -> str:
@@ -57,11 +63,3 @@ def tenant_for_digest(session: Session, digest: str) -> TenantRef | None:
         select(Tenant.id, Tenant.name).join(ApiKey, ApiKey.tenant_id == Tenant.id).where(ApiKey.key_sha256 == digest)
     ).one_or_none()
     return TenantRef(row.id, row.name) if row is not None else None
-
-
-def tenant_for_key(session: Session, key: str) -> TenantRef | None:
-    return tenant_for_digest(session, key_digest(key))
-
-
-def is_admin_key(key: str, admin_key: str | None) -> bool:
-    return bool(admin_key) and hmac.compare_digest(key.encode(), admin_key.encode())

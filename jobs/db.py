@@ -79,8 +79,7 @@ def _open(url: str) -> Database:
 def ping_after_idle(engine: Engine, idle_s: float) -> None:
     """At checkout, ping a pooled connection only if it sat in the pool for `idle_s` or longer.
 
-    `pool_pre_ping=True` pinged on every checkout: one more round trip and ~0.2 ms of CPU on
-    every request. Connections die while they sit idle (a database restart, a firewall's idle
+    `pool_pre_ping=True` pings on every checkout: one more round trip on every request. Connections die while they sit idle (a database restart, a firewall's idle
     timeout), and that is what this catches: a failed ping discards every pooled connection
     (the database most likely restarted) and the checkout retries on a new one, so the request
     never sees it. A connection that dies while busy fails the statement it was running;

@@ -1,8 +1,8 @@
-"""Alembic environment: runs on the connection `service.db.migrate` hands over."""
+"""Alembic environment: runs on the connection `jobs.db.migrate` hands over."""
 
 from alembic import context
 
-from service.tables import Base
+from jobs.tables import Base
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -26,7 +27,7 @@ import httpx
 
 from adapters.errors import InputError
 
-SAMPLE = Path(__file__).resolve().parent.parent / "loramill" / "data" / "capitals.jsonl"
+SAMPLE = "capitals.jsonl"  # in the package's data folder (importlib.resources)
 HYPERPARAMETERS = {"n_epochs": 20, "batch_size": 8, "learning_rate_multiplier": 15, "max_seq_len": 128}
 LORA = {"rank": 16, "alpha": 32}
 
@@ -149,8 +150,8 @@ def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out
     run = secrets.token_hex(3)
     server = None
     if url is None:
-        from service.auth import create_tenant
-        from service.db import database, migrate
+        from jobs.db import database, migrate
+        from jobs.tenants import create_tenant
 
         migrate(settings.resolved_database_url)
         with database(settings.resolved_database_url).sessions() as session:
@@ -181,9 +182,9 @@ def _flow(url, api_key, admin_key, out_dir: Path, run: str, create_base_model, B
         checked(client.post("/v1/models", json={"name": base_name, "path": str(base_dir)},
                             headers={"Authorization": f"Bearer {admin_key}"}))
         click.echo(f"1. registered base model {base_name}")
-        with open(SAMPLE, "rb") as f:
+        with (resources.files("loramill") / "data" / SAMPLE).open("rb") as f:
             upload = checked(client.post("/v1/files", data={"purpose": "fine-tune"},
-                                         files={"file": (SAMPLE.name, f, "application/jsonl")}))
+                                         files={"file": (SAMPLE, f, "application/jsonl")}))
         click.echo(f"2. uploaded {upload['filename']} as {upload['id']} ({upload['bytes']} bytes)")
         job = checked(client.post("/v1/fine_tuning/jobs", json={
             "model": base_name, "training_file": upload["id"], "suffix": "capitals",

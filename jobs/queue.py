@@ -1,0 +1,98 @@
+"""Queues, task names and the Celery configuration, shared by the API (which sends) and the workers.
+
+Broker: `LORAMILL_BROKER_URL` (Redis in production). With none configured, kombu's
+`filesystem://` transport under `<data_dir>/broker/`: messages are files, so the API process and
+a worker process on one machine share a queue with no server at all. That is the embedded
+default `loramill serve` runs; Redis and the embedded transport go through the same code.
+
+Delivery: `task_acks_late` + `task_reject_on_worker_lost` + `worker_prefetch_multiplier=1`: a
+message is acknowledged only when its task returns. What a message cannot promise (the broker
+may lose it, or hold it unacknowledged for a whole visibility timeout after its worker died) the
+job store's leases and `jobs.reconciler` make good, so delivering a task twice must be — and is
+— harmless: a task's first act is a conditional claim (`jobs.lifecycle`). Task state lives in
+the job store, not in Celery results (`task_ignore_result`).
+
+Sending: by task name, so the API never imports the workers' code (or torch), with
+`ignore_result=True` (otherwise Celery's Redis result backend subscribes to a result channel per
+task sent). With a Redis broker, sends go through `jobs.redis_transport` (one redis-py client per
+channel instead of one per message). Producers come from Celery's producer pool, so a request
+opens no connection.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from loramill.settings import Settings
+
+TRAIN_QUEUE = "train"
+MERGE_QUEUE = "merge"
+QUEUES = (TRAIN_QUEUE, MERGE_QUEUE)
+TRAIN_TASK = "loramill.train"
+MERGE_TASK = "loramill.merge"
+
+
+def embedded_broker_dir(settings: Settings) -> Path:
+    return (settings.data_dir / "broker").resolve()
+
+
+def celery_config(settings: Settings) -> dict:
+    """Celery settings for `settings`: the configured broker URL, else the filesystem transport."""
+    if settings.broker_url:
+        broker, backend = settings.broker_url, settings.result_backend or settings.broker_url
+        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+    else:
+        folder = embedded_broker_dir(settings)
+        for sub in ("queue", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        broker, backend = "filesystem://", settings.result_backend
+        transport_options = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
+                             "control_folder": str(folder / "control"), "store_processed": False}
+    return {
+        "broker_url": broker,
+        "result_backend": backend,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options if backend == broker else {},
+        "broker_connection_retry_on_startup": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_queues": tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),
+        "task_default_queue": TRAIN_QUEUE,
+        "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}, MERGE_TASK: {"queue": MERGE_QUEUE}},
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "imports": ("workers.tasks",),
+    }
+
+
+class JobQueue:
+    """Sends tasks by name to the configured broker; reports reachability and queue depths."""
+
+    def __init__(self, settings: Settings):
+        self.celery = Celery("loramill", set_as_current=False)
+        self.celery.conf.update(celery_config(settings))
+        if (settings.broker_url or "").startswith(("redis://", "rediss://")):
+            from jobs.redis_transport import PublishTransport
+
+            self.celery.conf.broker_transport = PublishTransport
+
+    def send(self, queue: str, task: str, job_id: str) -> None:
+        self.celery.send_task(task, args=[job_id], queue=queue, ignore_result=True)
+
+    def ping(self) -> None:
+        """Raise if the broker cannot be reached within a couple of seconds."""
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    def depths(self) -> dict[str, int]:
+        """Messages waiting in each queue (not counting ones a worker holds unacknowledged)."""
+        with self.celery.connection_for_read() as conn:
+            channel = conn.default_channel
+            return {q: channel.queue_declare(queue=q).message_count for q in QUEUES}

@@ -1,0 +1,115 @@
+"""The embedded default: `loramill serve` with no broker runs its own worker process, and keeps it alive.
+
+- **One per data dir** (`hold_embedded_lock`): a second `serve` on the same data directory is
+  refused, since its worker would compete for the same filesystem queue.
+- **Dies with serve**: the worker asks the kernel to kill it when its parent dies
+  (`loramill worker --parent-pid`, a parent-death signal), so a `kill -9` of `serve` leaves no
+  orphan training on.
+- **Brought back when it dies** (`EmbeddedWorker`): a supervisor thread waits on the process;
+  when it exits unexpectedly, every running job's lease is expired (it was the only worker),
+  the reconciler queues those jobs again, and a new worker starts (after a back-off that grows
+  while it keeps dying). `/readyz` reports the worker `ready` only while the process lives and
+  has said it is consuming (a ready file holding its pid).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from adapters.errors import InputError
+from jobs.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+READY_FILE = "embedded-worker.ready"
+BACKOFF_S = (1, 2, 5, 10, 30)  # waits before restarts that follow one another
+STABLE_AFTER_S = 60  # a worker that lived this long resets the back-off
+
+
+def hold_embedded_lock(data_dir: Path):
+    """An exclusive lock on `<data_dir>/embedded.lock` for this process's life: one embedded worker per data dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "embedded.lock", "w")  # noqa: SIM115 — kept open: the lock lives with it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise InputError(f"another `loramill serve` runs the embedded worker for {data_dir.resolve()}") from None
+    return handle
+
+
+def worker_command(queues: str, *extra: str) -> list[str]:
+    return [sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues", queues,
+            "--pool", "solo", "--concurrency", "1", *extra]
+
+
+class EmbeddedWorker:
+    """A `loramill worker` child process kept running; `probe()` raises unless it is up and consuming."""
+
+    def __init__(self, data_dir: Path, reconciler: Reconciler, env: dict[str, str]):
+        self.data_dir, self.reconciler, self.env = data_dir.resolve(), reconciler, env
+        self.ready_file = self.data_dir / READY_FILE
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._supervise, name="embedded-worker", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(worker_command("train,merge", "--parent-pid", str(os.getpid()), "--ready-file",
+                                                       str(self.ready_file)), env=self.env)
+        log.warning("embedded worker pid %d on %s", self.process.pid, self.data_dir / "broker")
+
+    def _supervise(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            log.error("embedded worker pid %d exited with %s; its jobs are queued again", self.process.pid, code)
+            self.reconciler.expire_all_leases()
+            self.reconciler.run_once()
+            failures = 0 if time.monotonic() - started > STABLE_AFTER_S else failures + 1
+            if self._stopping.wait(BACKOFF_S[min(failures, len(BACKOFF_S)) - 1] if failures else 0):
+                return
+            self.restarts += 1
+            self._spawn()
+
+    def probe(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            raise RuntimeError("the embedded worker is not running; it is being restarted")
+        try:
+            ready = self.ready_file.read_text().strip() == str(process.pid)
+        except FileNotFoundError:
+            ready = False
+        if not ready:
+            raise RuntimeError(f"the embedded worker (pid {process.pid}) is starting")
+
+    def stop(self, timeout_s: float = 30) -> None:
+        self._stopping.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def worker_env(data_dir: Path) -> dict[str, str]:
+    return {**os.environ, "LORAMILL_DATA_DIR": str(data_dir.resolve())}
