@@ -7,6 +7,7 @@ COPY pyproject.toml README.md ./
 COPY loramill loramill
 COPY adapters adapters
 COPY merge merge
+COPY jobs jobs
 COPY service service
 COPY workers workers
 RUN pip install --no-cache-dir ${TORCH_SPEC} && pip install --no-cache-dir '.[postgres]'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import tomllib
 from pathlib import Path
 
 import click
@@ -42,11 +43,12 @@ def test_every_command_exists_in_the_project(name):
         _loramill_command(argv)
     else:
         pytest.fail(f"{name}: unexpected command {argv[0]}")
-    for check in service.get("healthcheck", {}).get("test", [])[1:2]:
-        if check == "celery":
-            args = service["healthcheck"]["test"]
-            module = args[args.index("-A") + 1]
-            assert hasattr(importlib.import_module(module), "app")
+    test = service.get("healthcheck", {}).get("test", [])
+    if test[:1] == ["CMD-SHELL"] and test[1].startswith("celery "):
+        args = test[1].split()
+        assert hasattr(importlib.import_module(args[args.index("-A") + 1]), "app")
+        # the node it pings is the one the command names (in a container, %h is $HOSTNAME)
+        assert args[args.index("-d") + 1] == argv[argv.index("--node-name") + 1].replace("%h", "$$HOSTNAME")
 
 
 def test_every_environment_variable_is_a_setting():
@@ -69,8 +71,42 @@ def test_roles_share_the_artifact_volume_and_the_gpu_worker_reserves_a_gpu():
     assert "train" in SERVICES["train-worker"]["command"] and "merge" in SERVICES["merge-worker"]["command"]
 
 
-def test_the_dockerfile_copies_only_paths_that_exist():
+def test_the_dockerfile_copies_every_package_and_only_paths_that_exist():
     dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set()
     for src in re.findall(r"^COPY (\S+)", dockerfile, flags=re.M):
         for part in src.split():
             assert (ROOT / part).exists(), f"Dockerfile copies missing {part}"
+            copied.add(part)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= copied, f"Dockerfile does not copy {sorted(packages - copied)}"
+
+
+@pytest.mark.slow
+def test_the_worker_healthcheck_reaches_a_real_worker(tmp_path):
+    """The compose healthcheck's `celery inspect ping -d <node>` answered by a real `loramill worker` on Redis."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.services import free_redis_url, release_redis, stop
+
+    broker = free_redis_url()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")},
+           "LORAMILL_DATA_DIR": str(tmp_path / "data"), "LORAMILL_BROKER_URL": broker}
+    worker = subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues",
+                               "merge", "--pool", "solo", "--node-name", "loramill-merge@%h"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        node = f"loramill-merge@{socket.gethostname()}"
+        for _ in range(30):
+            ping = subprocess.run([sys.executable, "-m", "celery", "-A", "workers.celery_app", "inspect", "ping", "-d",
+                                   node, "--timeout", "2"], env=env, capture_output=True, text=True)
+            if ping.returncode == 0:
+                break
+        assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+    finally:
+        stop(worker)
+        release_redis(broker)

@@ -84,8 +84,10 @@ def _write_ready_file(path: str) -> None:
 @click.option("--parent-pid", type=int, default=None, help="Exit when this process (the parent) dies.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write the worker's pid here once it consumes.")
+@click.option("--node-name", default=None, metavar="NAME@%h",
+              help="Celery node name (what `celery inspect ping -d` names). Default: loramill-<queues>-<pid>@%h.")
 def worker(queues: str, pool: str, concurrency: int, loglevel: str, parent_pid: int | None,
-           ready_file: str | None) -> None:
+           ready_file: str | None, node_name: str | None) -> None:
     """Run a Celery worker for the configured broker (embedded filesystem transport when none)."""
     from adapters.errors import InputError
     from jobs.db import database, migrate
@@ -106,7 +108,8 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, parent_pid: 
     migrate(url)
     database(url).engine.dispose()  # children of a prefork pool open their own connections
     app.worker_main(["worker", "-Q", ",".join(names), "-P", pool, "-c", str(concurrency), "-l", loglevel,
-                     "-n", f"loramill-{'-'.join(names)}-{os.getpid()}@%h", "--without-gossip", "--without-mingle"])
+                     "-n", node_name or f"loramill-{'-'.join(names)}-{os.getpid()}@%h", "--without-gossip",
+                     "--without-mingle"])
 
 
 @click.group()
