@@ -13,15 +13,19 @@ complete, crash or power loss included.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory, leftovers
+from jobs.errors import StorageFull, StorageUnavailable
 
 
 def check_key(key: str) -> str:
@@ -53,9 +57,22 @@ def merge_key(tenant_id: str, merge_id: str) -> str:
     return f"merges/{tenant_id}/{merge_id}"
 
 
+def file_digest(path: Path) -> dict:
+    """`{"name", "bytes", "sha256"}` of a stored file: what downloads are checked against."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"name": Path(path).name, "bytes": size, "sha256": digest.hexdigest()}
+
+
 class ArtifactStore(Protocol):
     def write_stream(self, key: str, stream: BinaryIO, *, max_bytes: int | None = None) -> tuple[int, str]:
         """Copy `stream` to `key`; returns (bytes, sha256 hex). Raises `TooLarge` past `max_bytes`."""
+
+    def directory(self, key: str) -> AbstractContextManager[Path]:
+        """A fresh temporary directory that becomes `key` (fsynced, renamed) when the block ends without error."""
 
     def import_file(self, key: str, src: Path) -> None:
         """Copy a local file to `key`."""
@@ -68,8 +85,11 @@ class ArtifactStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
-    def delete(self, key: str) -> None:
-        """Remove a file or a directory tree; a missing key is not an error."""
+    def removing(self, key: str) -> AbstractContextManager[None]:
+        """Delete `key` if and only if the block ends without error (a missing key is not an error)."""
+
+    def discard(self, key: str) -> None:
+        """Remove what no row refers to (a refused upload); best effort."""
 
     def prune(self, key: str, keep: set[str]) -> None:
         """Remove everything under directory `key` except the keys in `keep` (and the directories holding them)."""
@@ -84,12 +104,41 @@ class TooLarge(Exception):
         self.limit = limit
 
 
+FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Turn the filesystem's refusals into domain errors that say what happened and leak no path."""
+    try:
+        yield
+    except InputError as exc:  # `atomic_directory` reports a directory it cannot create as bad input
+        if isinstance(exc.__cause__, OSError):
+            raise _domain(exc.__cause__) from exc
+        raise
+    except OSError as exc:
+        raise _domain(exc) from exc
+
+
+def _domain(exc: OSError) -> Exception:
+    if exc.errno in FULL:
+        return StorageFull("The artifact store is full; nothing was stored")
+    return StorageUnavailable(f"The artifact store cannot be written ({errno.errorcode.get(exc.errno, 'I/O error')}); "
+                              "nothing was changed")
+
+
 class LocalArtifactStore:
-    """`ArtifactStore` on a local (or shared, mounted) directory."""
+    """`ArtifactStore` on a local (or shared, mounted) directory.
+
+    Deletion moves a key into `<root>/.trash/` first (one rename: atomic, and refused whole on a
+    read-only store), so a caller can delete a row only once its files are gone from view, and
+    put them back if that fails; the trash is emptied right after, or at the next start.
+    """
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.trash = self.root / ".trash"
 
     def local_path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -99,11 +148,12 @@ class LocalArtifactStore:
 
     def write_stream(self, key: str, stream: BinaryIO, *, max_bytes: int | None = None) -> tuple[int, str]:
         target = self.local_path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        with storage_errors():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         digest, size = hashlib.sha256(), 0
         try:
-            with os.fdopen(fd, "wb") as out:
+            with storage_errors(), os.fdopen(fd, "wb") as out:
                 while chunk := stream.read(1 << 20):
                     size += len(chunk)
                     if max_bytes is not None and size > max_bytes:
@@ -112,30 +162,57 @@ class LocalArtifactStore:
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, target)
+                os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return size, digest.hexdigest()
+
+    @contextmanager
+    def directory(self, key: str) -> Iterator[Path]:
+        with storage_errors(), atomic_directory(self.local_path(key), overwrite=True, durable=True) as tmp:
+            yield tmp
 
     def import_file(self, key: str, src: Path) -> None:
         with open(src, "rb") as f:
             self.write_stream(key, f)
 
     def import_dir(self, key: str, src: Path, names: tuple[str, ...] | None = None) -> None:
-        target = self.local_path(key)
-        with atomic_directory(target, overwrite=True, durable=True) as tmp:
+        with self.directory(key) as tmp:
             if names is None:
                 shutil.copytree(src, tmp, dirs_exist_ok=True)
             for name in names or ():
                 shutil.copy2(Path(src) / name, tmp / name)
 
-    def delete(self, key: str) -> None:
+    @contextmanager
+    def removing(self, key: str) -> Iterator[None]:
+        path = self.local_path(key)
+        if not path.exists():
+            yield
+            return
+        with storage_errors():
+            self.trash.mkdir(exist_ok=True)
+            trashed = Path(tempfile.mkdtemp(prefix=f"{path.name}-", dir=self.trash)) / path.name
+            os.replace(path, trashed)
+        try:
+            yield
+        except BaseException:
+            os.replace(trashed, path)  # the caller could not forget it: it is back where it was
+            raise
+        self.empty_trash()
+
+    def discard(self, key: str) -> None:
         path = self.local_path(key)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+    def empty_trash(self) -> None:
+        """Remove what deletions moved aside (best effort: whatever stays is retried next time)."""
+        if self.trash.is_dir():
+            for entry in self.trash.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
 
     def prune(self, key: str, keep: set[str]) -> None:
         root = self.local_path(key)

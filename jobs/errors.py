@@ -36,3 +36,31 @@ class Unavailable(JobsError):
     """A dependency (the broker, the store) cannot take the request now; retrying later may succeed."""
 
     default_code = "unavailable"
+
+
+class QuotaExceeded(JobsError):
+    """A tenant's quota is used up; `retry_after_s` says when trying again makes sense."""
+
+    default_code = "quota_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int, param: str | None = None, code: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class StorageQuotaExceeded(JobsError):
+    """Storing this would take the tenant past its storage quota."""
+
+    default_code = "storage_quota_exceeded"
+
+
+class StorageFull(JobsError):
+    """The artifact store has no space left (or its filesystem quota is reached)."""
+
+    default_code = "storage_full"
+
+
+class StorageUnavailable(JobsError):
+    """The artifact store cannot be written (read-only, or failing); nothing was changed."""
+
+    default_code = "storage_unavailable"

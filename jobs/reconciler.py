@@ -11,6 +11,8 @@ Two ways a job gets stranded, whatever the broker:
   wait there. When fewer messages wait than jobs were enqueued more than `resend_after_s` ago,
   the oldest of those are sent again.
 
+Each round also forgets idempotency keys older than their time to live (`jobs.idempotency`).
+
 Sending twice is harmless: a task's first act is a conditional claim (`jobs.lifecycle.claim`),
 so a second message for a job that is running or finished ends at once. Each resend is recorded
 with a conditional UPDATE of `enqueued_at`, so several API replicas reconciling at once resend
@@ -24,6 +26,7 @@ import threading
 
 from sqlalchemy import func, or_, select, update
 
+from jobs import idempotency
 from jobs.db import Database
 from jobs.lifecycle import KINDS, JobKind, new_event, now
 from jobs.queue import JobQueue
@@ -34,8 +37,10 @@ log = logging.getLogger(__name__)
 class Reconciler:
     """`run_once()` requeues stranded jobs and returns their ids; `start()` runs it every `interval_s` in a thread."""
 
-    def __init__(self, db: Database, queue: JobQueue, *, interval_s: float, resend_after_s: float):
+    def __init__(self, db: Database, queue: JobQueue, *, interval_s: float, resend_after_s: float,
+                 idempotency_ttl_s: float | None = None):
         self.db, self.queue, self.interval_s, self.resend_after_s = db, queue, interval_s, resend_after_s
+        self.idempotency_ttl_s = idempotency_ttl_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,6 +57,8 @@ class Reconciler:
             for job_id in self._lost_messages(kind, depths[kind.queue]):
                 self.queue.send(kind.queue, kind.task, job_id)
                 sent.append(job_id)
+        if self.idempotency_ttl_s is not None:
+            idempotency.purge_expired(self.db, self.idempotency_ttl_s)
         return sent
 
     def _requeue_expired(self, kind: JobKind) -> list[str]:

@@ -69,6 +69,7 @@ class ApiKey(Base):
     key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[int] = mapped_column(BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # a revoked key never authenticates
 
 
 class BaseModelRow(Base):
@@ -89,6 +90,7 @@ class FileRow(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
     records: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # checked whenever it is downloaded
     storage_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
@@ -147,6 +149,7 @@ class AdapterRow(Base):
     rank: Mapped[int] = mapped_column(Integer)
     target_modules: Mapped[list[Any]]
     bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)  # [{name, bytes, sha256}]
     job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True, index=True)
     storage_key: Mapped[str] = mapped_column(Text)
@@ -163,6 +166,7 @@ class MergeRow(Leased, Base):
     base_model: Mapped[str] = mapped_column(String(64))
     request: Mapped[dict[str, Any]]
     files: Mapped[list[Any]]
+    bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # of its files, once it succeeded
     storage_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger)
 
@@ -170,3 +174,19 @@ class MergeRow(Leased, Base):
 class MergeEventRow(Event, Base):
     __tablename__ = "merge_events"
     merge_id: Mapped[str] = mapped_column(ForeignKey("merges.id", ondelete="CASCADE"), index=True)
+
+
+class IdempotencyKeyRow(Base):
+    """The first answer to a POST sent with an `Idempotency-Key`, replayed to its retries.
+
+    `fingerprint` is the sha256 of method, path and body: a retry must send the same request.
+    `status` is None while the first request is still running.
+    """
+
+    __tablename__ = "idempotency_keys"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)

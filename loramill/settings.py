@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(45.0, gt=0, description="A worker's claim on a job lapses this long after its last renewal.")
     reconcile_interval_s: float = Field(10.0, description="How often the API requeues stranded jobs; 0: never.")
     resend_after_s: float = Field(60.0, gt=0, description="A queued job whose broker message is missing this long is sent again.")
+    # Bounds on every request (hostile input is normal input): each answered 4xx before the cost is paid.
+    max_header_bytes: int = Field(32 * 1024, gt=0, description="Request line plus headers, in bytes (431 beyond).")
+    max_json_bytes: int = Field(1024 * 1024, gt=0, description="A JSON request body, in bytes (413 beyond).")
+    # Per-tenant quotas (0 turns one off): 429 with Retry-After, or 413 for storage.
+    requests_per_minute: int = Field(1200, ge=0, description="API requests a tenant may make per minute, per API process.")
+    max_active_jobs: int = Field(8, ge=0, description="Fine-tuning jobs and merges a tenant may have queued or running.")
+    max_stored_bytes: int = Field(50 * 1024**3, ge=0, description="Bytes of files, adapters and merges a tenant may store.")
+    idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="How long an Idempotency-Key's first answer is kept.")
     host: str = "127.0.0.1"
     port: int = 8000
 

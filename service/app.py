@@ -21,6 +21,8 @@ from jobs.reconciler import Reconciler
 from loramill.settings import Settings, get_settings
 from service.deps import Services
 from service.errors import install_handlers
+from service.gate import Gate
+from service.idempotency import Idempotency
 from service.metrics import TimingMiddleware, metrics_registry
 from service.routers import adapters, files, fine_tuning, health, merges, models
 from service.tenant_cache import TenantCache
@@ -29,14 +31,16 @@ from service.tenant_cache import TenantCache
 def build_services(settings: Settings) -> Services:
     url = settings.resolved_database_url
     migrate(url)
-    return Services(settings=settings, db=database(url), artifacts=LocalArtifactStore(settings.resolved_artifacts_dir),
-                    queue=JobQueue(settings), tenants=TenantCache(settings.tenant_cache_ttl_s))
+    artifacts = LocalArtifactStore(settings.resolved_artifacts_dir)
+    artifacts.empty_trash()  # what deletions interrupted by a crash left aside
+    return Services(settings=settings, db=database(url), artifacts=artifacts, queue=JobQueue(settings),
+                    tenants=TenantCache(settings.tenant_cache_ttl_s))
 
 
 def reconciler_for(services: Services) -> Reconciler:
     settings = services.settings
     return Reconciler(services.db, services.queue, interval_s=settings.reconcile_interval_s,
-                      resend_after_s=settings.resend_after_s)
+                      resend_after_s=settings.resend_after_s, idempotency_ttl_s=settings.idempotency_ttl_s)
 
 
 @asynccontextmanager
@@ -65,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="loramill", version="0.1.0", lifespan=lifespan)
     app.state.services = build_services(settings)
     app.state.metrics_registry, http = metrics_registry(app.state.services)
+    app.add_middleware(Idempotency, services=app.state.services)  # added first: runs after the gate
+    app.add_middleware(Gate, services=app.state.services)
     app.add_middleware(TimingMiddleware, histogram=http)
     install_handlers(app)
     for module in (files, fine_tuning, adapters, merges, models, health):

@@ -1,27 +1,24 @@
 """Typed FastAPI dependencies: the app's services, a database session, the calling tenant, the admin.
 
 Use them as annotations: `def route(session: SessionDep, tenant: TenantDep) -> ...`.
-Authentication is `Authorization: Bearer <key>`; a missing or unknown key answers 401.
-Dependencies that touch no database are `async def`: FastAPI runs every sync dependency in the
-thread pool, a hop each that costs more than the work. `current_tenant` is async too: a known
-key is answered from the process's tenant cache, and only a miss goes to the thread pool.
+Authentication happened before the request body was read (`service.gate`); these dependencies
+only read its result. Dependencies that touch no database are `async def`: FastAPI runs every
+sync dependency in the thread pool, a hop each that costs more than the work.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from jobs.artifacts import ArtifactStore
 from jobs.db import Database
 from jobs.queue import JobQueue
-from jobs.tenants import TenantRef, key_digest, tenant_for_digest
+from jobs.tenants import TenantRef
 from loramill.settings import Settings
 from service.errors import APIError
 from service.tenant_cache import TenantCache
@@ -55,41 +52,27 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-async def bearer_key(authorization: Annotated[str | None, Header()] = None) -> str:
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
+def _caller(request: Request):
+    """Who sent the request, as `service.gate.Gate` authenticated it before the body was read."""
+    return request.state.caller
+
+
+async def current_tenant(request: Request) -> TenantRef:
+    caller = _caller(request)
+    if caller.tenant is None:  # the admin key: it registers base models, it is no tenant
+        raise APIError(401, "This route needs a tenant's API key, not the admin key", code="invalid_api_key",
                        type="invalid_request_error")
-    return key.strip()
-
-
-BearerDep = Annotated[str, Depends(bearer_key)]
-
-
-def _lookup_tenant(db: Database, digest: str) -> TenantRef | None:
-    with db.sessions() as session:
-        return tenant_for_digest(session, digest)
-
-
-async def current_tenant(key: BearerDep, services: ServicesDep) -> TenantRef:
-    digest = key_digest(key)
-    tenant = services.tenants.get(digest)
-    if tenant is None:
-        tenant = await run_in_threadpool(_lookup_tenant, services.db, digest)
-        if tenant is None:
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key", type="invalid_request_error")
-        services.tenants.put(digest, tenant)
-    return tenant
+    return caller.tenant
 
 
 TenantDep = Annotated[TenantRef, Depends(current_tenant)]
 
 
-async def require_admin(key: BearerDep, services: ServicesDep) -> None:
+async def require_admin(request: Request, services: ServicesDep) -> None:
     if not services.settings.admin_key:
         raise APIError(403, "Model registration over HTTP is disabled: no LORAMILL_ADMIN_KEY is configured",
                        code="admin_disabled")
-    if not hmac.compare_digest(key.encode(), services.settings.admin_key.encode()):
+    if not _caller(request).admin:
         raise APIError(401, "Incorrect admin key provided", code="invalid_api_key", type="invalid_request_error")
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import case, func, select
 
 from jobs.lifecycle import KINDS
 from jobs.store import FINISHED
+from service.downloads import CORRUPTIONS
 
 log = logging.getLogger(__name__)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 48 * 3600)
@@ -63,6 +64,7 @@ def _durations(session, table):
 def metrics_registry(services) -> tuple[CollectorRegistry, Histogram]:
     registry = CollectorRegistry()
     registry.register(JobCollector(services))
+    registry.register(CORRUPTIONS)
     http = Histogram("loramill_http_request_duration_seconds", "HTTP request latency",
                      ["method", "route", "status"], registry=registry,
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))

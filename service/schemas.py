@@ -1,15 +1,70 @@
-"""Request bodies. Strict types (a string is not a number) and no unknown fields: a typo answers 400."""
+"""Request bodies. Strict types (a string is not a number), finite numbers only, no unknown fields: a
+typo or an out-of-range value answers 400 with a message that states what is allowed.
+
+A value that may be "auto" or a number in a range (OpenAI's hyperparameters) is one field with
+one message for every way it can be wrong, rather than one error per branch of the union.
+"""
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationInfo,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
 SHARD_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
-Number = StrictInt | StrictFloat
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Number = Annotated[StrictInt | StrictFloat, AfterValidator(_finite)]
+
+
+def _explained(message: str):
+    """A validator that replaces whatever the inner validation said by `message` (what is allowed)."""
+
+    def validate(value: Any, handler, _info: ValidationInfo):
+        try:
+            return handler(value)
+        except ValueError:
+            raise PydanticCustomError("invalid_value", message) from None
+
+    return WrapValidator(validate)
+
+
+def auto_or(kind: type, low: float, high: float, *, low_open: bool = False):
+    """`"auto"` or a number of `kind` in [low, high] (or (low, high] with `low_open`), with one clear message."""
+    bound = Field(gt=low, le=high) if low_open else Field(ge=low, le=high)
+    base = StrictInt if kind is int else Number
+    what = "an integer" if kind is int else "a number"
+    interval = f"{'above' if low_open else 'from'} {low:g} {'and up' if low_open else ''} to {high:g}".replace("  ", " ")
+    return Annotated[Literal["auto"] | Annotated[base, bound], _explained(f"must be 'auto' or {what} {interval}")]
+
+
+def ranged(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """A number of `kind` within the bounds given, with one message that states them."""
+    base = StrictInt if kind is int else Number
+    limits = {}
+    parts = []
+    if low is not None:
+        limits["gt" if low_open else "ge"] = low
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        limits["lt" if high_open else "le"] = high
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    what = "an integer" if kind is int else "a number"
+    return Annotated[base, Field(**limits), _explained(f"must be {what} {' and '.join(parts)}".strip())]
 
 
 class Body(BaseModel):
@@ -19,13 +74,13 @@ class Body(BaseModel):
 class Hyperparameters(Body):
     """OpenAI's three knobs (each a number or "auto") plus loramill's own, all optional."""
 
-    n_epochs: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=50)] = "auto"
-    batch_size: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Literal["auto"] | Annotated[Number, Field(gt=0, le=100)] = "auto"
-    max_seq_len: Annotated[StrictInt, Field(ge=8, le=131072)] = 512
-    grad_accum: Annotated[StrictInt, Field(ge=1, le=1024)] = 1
+    n_epochs: auto_or(int, 1, 50) = "auto"
+    batch_size: auto_or(int, 1, 256) = "auto"
+    learning_rate_multiplier: auto_or(float, 0, 100, low_open=True) = "auto"
+    max_seq_len: ranged(int, 8, 131072) = 512  # also bounded by the base model's context, at creation
+    grad_accum: ranged(int, 1, 1024) = 1
     packing: StrictBool = False
-    checkpoint_every: Annotated[StrictInt, Field(ge=0)] | None = None  # steps; None: once per epoch
+    checkpoint_every: ranged(int, 0) | None = None  # steps; None: once per epoch
 
 
 class Supervised(Body):
@@ -37,21 +92,28 @@ class Method(Body):
     supervised: Supervised | None = None
 
 
+def _module_names(value):
+    if isinstance(value, list):
+        for name in value:
+            if not MODULE_RE.match(name):
+                raise ValueError(f"invalid module name {name!r}")
+    return value
+
+
 class LoraOptions(Body):
-    rank: Annotated[StrictInt, Field(ge=1)] = 8
-    alpha: Annotated[Number, Field(gt=0)] | None = None  # default: 2 * rank
-    dropout: Annotated[Number, Field(ge=0, lt=1)] = 0.0
-    target_modules: Literal["all-linear"] | Annotated[list[StrictStr], Field(min_length=1, max_length=64)] = "all-linear"
+    rank: ranged(int, 1) = 8
+    alpha: ranged(float, 0, 1e6, low_open=True) | None = None  # default: 2 * rank
+    dropout: ranged(float, 0, 1, high_open=True) = 0.0
+    target_modules: Annotated[
+        Literal["all-linear"] | Annotated[list[StrictStr], Field(min_length=1, max_length=64),
+                                          AfterValidator(_module_names)],
+        _explained("must be 'all-linear' or a list of 1 to 64 module names (letters, digits, '_' and '.')"),
+    ] = "all-linear"
     use_rslora: StrictBool = False
 
-    @field_validator("target_modules")
-    @classmethod
-    def _module_names(cls, value):
-        if isinstance(value, list):
-            for name in value:
-                if not MODULE_RE.match(name):
-                    raise ValueError(f"invalid module name {name!r}")
-        return value
+
+MetadataKey = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[StrictStr, Field(max_length=512)]
 
 
 class FineTuningJobCreate(Body):
@@ -60,9 +122,10 @@ class FineTuningJobCreate(Body):
     validation_file: StrictStr | None = None
     hyperparameters: Hyperparameters | None = None
     suffix: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] | None = None
+    seed: ranged(int, 0, 2**31 - 1) | None = None
     method: Method | None = None
-    metadata: Annotated[dict[StrictStr, Annotated[StrictStr, Field(max_length=512)]], Field(max_length=16)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16),
+                        _explained("must be at most 16 pairs, keys of 1-64 characters, values of at most 512")] | None = None
     lora: LoraOptions | None = None
     integrations: Annotated[list[dict], Field(max_length=0)] | None = None
 
@@ -73,8 +136,8 @@ class ModelCreate(Body):
 
 
 class MergeAdapter(Body):
-    adapter: StrictStr
-    weight: Number = 1.0
+    adapter: Annotated[StrictStr, Field(min_length=1, max_length=255)]
+    weight: ranged(float, -1e6, 1e6) = 1.0
 
 
 class MergeCreate(Body):
@@ -83,7 +146,7 @@ class MergeCreate(Body):
     method: Literal["linear", "ties", "dare_linear", "dare_ties", "svd"] = "linear"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: Annotated[StrictStr, Field(pattern=SHARD_RE.pattern)] = "2GB"
-    density: Annotated[Number, Field(gt=0, le=1)] | None = None
-    drop_rate: Annotated[Number, Field(ge=0, lt=1)] | None = None
-    rank: Annotated[StrictInt, Field(ge=1)] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)] = 0
+    density: ranged(float, 0, 1, low_open=True) | None = None
+    drop_rate: ranged(float, 0, 1, high_open=True) | None = None
+    rank: ranged(int, 1) | None = None
+    seed: ranged(int, 0, 2**31 - 1) = 0

@@ -24,6 +24,12 @@ def too_large(limit: int, param: str = "file") -> APIError:
     return APIError(413, f"Upload too large: the limit is {limit} bytes", param=param, code="file_too_large")
 
 
+def declared_length(request: Request) -> int:
+    """The body's declared `Content-Length` (0 when absent or not a number; `read_form` refuses those)."""
+    length = request.headers.get("content-length", "")
+    return int(length) if length.isdigit() else 0
+
+
 async def read_form(request: Request, max_bytes: int, *, max_files: int) -> FormData:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > max_bytes * max_files + FORM_OVERHEAD):

@@ -85,4 +85,5 @@ def _merge(ctx: WorkerContext, lease: Lease) -> None:
     manifest = result.out_dir / MANIFEST_NAME
     files.append({"name": MANIFEST_NAME, "bytes": manifest.stat().st_size,
                   "sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()})
-    lease.succeed(events=[lease.event(f"Merged into {len(files)} files")], files=files, storage_key=key)
+    lease.succeed(events=[lease.event(f"Merged into {len(files)} files")], files=files, storage_key=key,
+                  bytes=sum(f["bytes"] for f in files))

@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 from adapters.errors import InputError
 from adapters.peft_format import ADAPTER_FILES, CONFIG_NAME
 from jobs import lifecycle
-from jobs.artifacts import attempt_key, job_key
+from jobs.artifacts import attempt_key, file_digest, job_key
 from jobs.ids import new_id
 from jobs.lifecycle import FINE_TUNING, Cancelled, Lease, LeaseLost
 from jobs.store import now
@@ -142,15 +142,16 @@ def _succeed(ctx: WorkerContext, lease: Lease, inputs: _Inputs, attempt: str, re
     name = f"ft:{job.model}:{inputs.tenant_name}:{job.suffix or ''}:{job.id}"
     config = json.loads((result.adapter_dir / CONFIG_NAME).read_text())
     targets = config.get("target_modules")
-    metrics_path = Path(result.metrics_path)
+    files = [file_digest(ctx.artifacts.local_path(adapter_key) / name) for name in ADAPTER_FILES]
+    metrics = file_digest(Path(result.metrics_path))
     rows = [
         AdapterRow(id=adapter_id, tenant_id=job.tenant_id, name=name, base_model=job.model, rank=int(config["r"]),
                    target_modules=sorted(targets) if isinstance(targets, list) else [targets],
-                   bytes=sum(f.stat().st_size for f in ctx.artifacts.local_path(adapter_key).iterdir()),
-                   job_id=job.id, fine_tuned_model=name, storage_key=adapter_key, created_at=now()),
+                   bytes=sum(f["bytes"] for f in files), files=files, job_id=job.id, fine_tuned_model=name,
+                   storage_key=adapter_key, created_at=now()),
         FileRow(id=file_id, tenant_id=job.tenant_id, filename=f"{job.id}-{METRICS_FILE}", purpose="fine-tune-results",
-                bytes=metrics_path.stat().st_size, records=None, storage_key=f"{attempt}/{METRICS_FILE}",
-                created_at=now()),
+                bytes=metrics["bytes"], sha256=metrics["sha256"], records=None,
+                storage_key=f"{attempt}/{METRICS_FILE}", created_at=now()),
     ]
     final = {"step": result.steps, "train_loss": result.final_loss}
     if result.val_loss is not None:

@@ -8,6 +8,7 @@ import sys
 import click
 
 from adapters.errors import InputError
+from jobs.errors import JobsError
 
 
 class _Group(click.Group):
@@ -16,7 +17,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except InputError as exc:
+        except (InputError, JobsError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except FileNotFoundError as exc:

@@ -32,6 +32,7 @@ def serve(host: str | None, port: int | None) -> None:
 
     from loramill.settings import get_settings
     from service.app import create_app, reconciler_for
+    from service.http_protocol import bounded_protocol
 
     settings = get_settings()
     app = create_app(settings)  # migrates the job store before any worker starts
@@ -51,7 +52,8 @@ def serve(host: str | None, port: int | None) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning")
+        uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
+                    http=bounded_protocol(settings.max_header_bytes))
     finally:
         if embedded is not None:
             embedded.stop()
@@ -112,25 +114,71 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, parent_pid: 
                      "--without-mingle"])
 
 
+def _store():
+    """A session on the configured job store, migrated to the newest schema."""
+    from jobs.db import database, migrate
+    from loramill.settings import get_settings
+
+    url = get_settings().resolved_database_url
+    migrate(url)
+    return database(url).sessions()
+
+
 @click.group()
 def tenant() -> None:
-    """Manage tenants."""
+    """Manage tenants and their API keys."""
 
 
 @tenant.command("create")
 @click.argument("name")
 def tenant_create(name: str) -> None:
     """Create tenant NAME and print its API key (shown once; only its hash is stored)."""
-    from jobs.db import database, migrate
     from jobs.tenants import create_tenant
-    from loramill.settings import get_settings
 
-    url = get_settings().resolved_database_url
-    migrate(url)
-    with database(url).sessions() as session:
+    with _store() as session:
         row, key = create_tenant(session, name)
     click.echo(f"created tenant {row.name} ({row.id})", err=True)
     click.echo(key)
+
+
+@tenant.group("key")
+def tenant_key() -> None:
+    """Rotate keys: create a new one, move clients over, revoke the old one."""
+
+
+@tenant_key.command("create")
+@click.argument("tenant_name")
+def key_create(tenant_name: str) -> None:
+    """Print a new API key for TENANT_NAME (shown once); its other keys keep working."""
+    from jobs.tenants import create_key
+
+    with _store() as session:
+        row, key = create_key(session, tenant_name)
+    click.echo(f"created key {row.id} ({row.prefix}...) for tenant {tenant_name}", err=True)
+    click.echo(key)
+
+
+@tenant_key.command("list")
+@click.argument("tenant_name")
+def key_list(tenant_name: str) -> None:
+    """The keys of TENANT_NAME: id, prefix, created, revoked."""
+    from jobs.tenants import list_keys
+
+    with _store() as session:
+        for row in list_keys(session, tenant_name):
+            revoked = f"revoked {row.revoked_at}" if row.revoked_at else "active"
+            click.echo(f"{row.id}  {row.prefix}...  created {row.created_at}  {revoked}")
+
+
+@tenant_key.command("revoke")
+@click.argument("key_id")
+def key_revoke(key_id: str) -> None:
+    """Revoke key KEY_ID (`key-...`): it stops working in every API process within LORAMILL_TENANT_CACHE_TTL_S."""
+    from jobs.tenants import revoke_key
+
+    with _store() as session:
+        row = revoke_key(session, key_id)
+    click.echo(f"revoked key {row.id} ({row.prefix}...)")
 
 
 @click.group()
@@ -144,12 +192,8 @@ def model() -> None:
 def model_add(name: str, path: str) -> None:
     """Register the checkpoint at PATH (local directory or hub id) as base model NAME."""
     from jobs.base_models import register_base_model
-    from jobs.db import database, migrate
-    from loramill.settings import get_settings
 
-    url = get_settings().resolved_database_url
-    migrate(url)
-    with database(url).sessions() as session:
+    with _store() as session:
         row = register_base_model(session, name, path)
     click.echo(f"registered base model {row.name} at {row.path}")
 

@@ -10,7 +10,6 @@ temporary directory that becomes the stored adapter only when it passes.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -20,18 +19,18 @@ from sqlalchemy import select
 
 from adapters.checkpoint import PICKLE_SUFFIXES
 from adapters.errors import InputError
-from adapters.fsutil import atomic_directory
-from adapters.peft_format import ADAPTER_FILES, CONFIG_NAME
-from jobs.artifacts import TooLarge, adapter_key
+from adapters.peft_format import ADAPTER_FILES, WEIGHTS_NAME
+from jobs.artifacts import TooLarge, adapter_key, file_digest
 from jobs.ids import new_id
+from jobs.quotas import check_storage
 from jobs.store import FINISHED, base_model, get_owned, now, page
 from jobs.tables import AdapterRow, MergeRow
 from jobs.tenants import check_name
-from service.archive import tar_stream
 from service.deps import ServicesDep, SessionDep, TenantDep
+from service.downloads import Stored, archive_download
 from service.errors import APIError
 from service.objects import adapter_object, listing
-from service.uploads import form_files, form_text, plain_filename, read_form, too_large
+from service.uploads import declared_length, form_files, form_text, plain_filename, read_form, too_large
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -39,14 +38,17 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 @router.post("")
 async def upload_adapter(request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     limit = services.settings.max_upload_bytes
+    await run_in_threadpool(check_storage, session, tenant.id, services.settings.max_stored_bytes,
+                            declared_length(request))
     form = await read_form(request, limit, max_files=len(ADAPTER_FILES))
     base = await run_in_threadpool(base_model, session, form_text(form, "base_model"), "base_model")
+    request.state.path_names = {base.path: repr(base.name)}  # errors name the base model, never its directory
     name = form_text(form, "name", required=False)
     uploads = {}
     for upload in form_files(form, "file"):
         filename = plain_filename(upload)
         if filename.endswith(PICKLE_SUFFIXES):
-            raise APIError(400, f"{filename}: pickled weights are refused; upload adapter_model.safetensors",
+            raise APIError(400, f"{filename}: pickled weights are refused; upload {WEIGHTS_NAME}",
                            param="file", code="pickled_weights")
         if filename not in ADAPTER_FILES:
             raise APIError(400, f"{filename}: unexpected file; an adapter is {' + '.join(ADAPTER_FILES)}",
@@ -65,10 +67,9 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
 
     adapter_id = new_id("adapter")
     key = adapter_key(tenant_id, adapter_id)
-    target = services.artifacts.local_path(key)
     limit = services.settings.max_upload_bytes
     try:
-        with atomic_directory(target, durable=True) as tmp:
+        with services.artifacts.directory(key) as tmp:
             size = 0
             for filename, upload in uploads.items():
                 with open(tmp / filename, "wb") as out:
@@ -77,22 +78,22 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
                         if size > limit:
                             raise TooLarge(limit)
                         out.write(chunk)
-            validate_adapter(tmp, base.path, max_rank=services.settings.max_rank)
-            config = json.loads((tmp / CONFIG_NAME).read_text())
+            check_storage(session, tenant_id, services.settings.max_stored_bytes, size)
+            adapter = validate_adapter(tmp, base.path, max_rank=services.settings.max_rank)
+            files = [file_digest(tmp / filename) for filename in ADAPTER_FILES]
     except TooLarge:
         raise too_large(limit) from None
     except InputError as exc:
-        raise APIError(400, str(exc).replace(str(target.parent), "<adapter>"), param=exc.param or "file",
-                       code=exc.code or "invalid_adapter") from exc
-    targets = config.get("target_modules")
+        raise APIError(400, str(exc), param=exc.param or "file", code=exc.code or "invalid_adapter") from exc
+    targets = adapter.config.get("target_modules")
     row = AdapterRow(id=adapter_id, tenant_id=tenant_id, name=name or adapter_id, base_model=base.name,
-                     rank=int(config.get("r", 0)), target_modules=sorted(targets) if isinstance(targets, list) else [targets],
-                     bytes=size, storage_key=key, created_at=now())
+                     rank=adapter.max_rank, target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                     bytes=size, files=files, storage_key=key, created_at=now())
     session.add(row)
     try:
         session.commit()
     except BaseException:
-        services.artifacts.delete(key)
+        services.artifacts.discard(key)
         raise
     return adapter_object(row)
 
@@ -112,11 +113,13 @@ def retrieve_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) ->
 
 @router.get("/{adapter_id}/archive")
 def download_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
-    """The adapter directory as a tar (`<adapter_id>/adapter_config.json`, `…/adapter_model.safetensors`)."""
+    """The adapter as a tar (`<adapter_id>/adapter_config.json`, `…/adapter_model.safetensors`), each file checked."""
     row = get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id")
     root = services.artifacts.local_path(row.storage_key)
-    return StreamingResponse(tar_stream(root, row.id), media_type="application/x-tar",
-                             headers={"Content-Disposition": f'attachment; filename="{row.id}.tar"'})
+    if row.files is None:  # stored before digests were kept: recorded now, checked from now on
+        row.files = [file_digest(root / name) for name in ADAPTER_FILES]
+        session.commit()
+    return archive_download([Stored(root / f["name"], f["name"], f["bytes"], f["sha256"]) for f in row.files], row.id)
 
 
 @router.delete("/{adapter_id}")
@@ -125,7 +128,7 @@ def delete_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, 
     for merge in session.scalars(select(MergeRow).where(MergeRow.tenant_id == tenant.id, MergeRow.status.not_in(FINISHED))):
         if any(a["adapter_id"] == adapter_id for a in merge.request["adapters"]):
             raise APIError(409, f"Adapter {adapter_id} is in use by merge {merge.id}", param="adapter_id", code="adapter_in_use")
-    session.delete(row)
-    session.commit()
-    services.artifacts.delete(row.storage_key)
+    with services.artifacts.removing(row.storage_key):  # the files go first; put back if the row cannot go
+        session.delete(row)
+        session.commit()
     return {"id": adapter_id, "object": "adapter", "deleted": True}

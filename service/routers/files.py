@@ -11,18 +11,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 
 from adapters.errors import InputError
-from jobs.artifacts import TooLarge, file_key
+from jobs.artifacts import TooLarge, file_digest, file_key
 from jobs.ids import new_id
 from jobs.store import FINISHED, get_owned, now, page
+from jobs.quotas import check_storage
 from jobs.tables import FileRow, JobRow
 from service.deps import ServicesDep, SessionDep, TenantDep
+from service.downloads import Stored, file_download
 from service.errors import APIError
 from service.objects import file_object, listing
-from service.uploads import form_files, form_text, plain_filename, read_form, too_large
+from service.uploads import declared_length, form_files, form_text, plain_filename, read_form, too_large
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("fine-tune",)
@@ -31,6 +33,8 @@ PURPOSES = ("fine-tune",)
 @router.post("")
 async def upload_file(request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     limit = services.settings.max_upload_bytes
+    await run_in_threadpool(check_storage, session, tenant.id, services.settings.max_stored_bytes,
+                            declared_length(request))
     form = await read_form(request, limit, max_files=1)
     purpose = form_text(form, "purpose")
     if purpose not in PURPOSES:
@@ -49,24 +53,24 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     file_id = new_id("file")
     key = file_key(tenant_id, file_id)
     store, limit = services.artifacts, services.settings.max_upload_bytes
+    stored = False
     try:
-        size, _ = store.write_stream(key, upload.file, max_bytes=limit)
+        size, sha256 = store.write_stream(key, upload.file, max_bytes=limit)
+        check_storage(session, tenant_id, services.settings.max_stored_bytes, size)
         records = validate_jsonl(store.local_path(key), DataConfig())
+        row = FileRow(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size,
+                      records=records, sha256=sha256, storage_key=key, created_at=now())
+        session.add(row)
+        session.commit()
+        stored = True
     except TooLarge:
-        store.delete(key)
         raise too_large(limit) from None
     except InputError as exc:
-        store.delete(key)
         raise APIError(400, f"{filename}: {exc}".replace(f"{store.local_path(key)}: ", ""), param="file",
                        code="invalid_file") from exc
-    row = FileRow(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size, records=records,
-                  storage_key=key, created_at=now())
-    session.add(row)
-    try:
-        session.commit()
-    except BaseException:
-        store.delete(key)
-        raise
+    finally:
+        if not stored:  # refused or failed: nothing stays
+            store.discard(key)
     return file_object(row)
 
 
@@ -87,10 +91,16 @@ def retrieve_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict:
 
 
 @router.get("/{file_id}/content")
-def file_content(file_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> FileResponse:
-    row = get_owned(session, FileRow, file_id, tenant.id, "file", "file_id")
-    return FileResponse(services.artifacts.local_path(row.storage_key), media_type="application/octet-stream",
-                        filename=row.filename)
+async def file_content(file_id: str, request: Request, services: ServicesDep, session: SessionDep,
+                       tenant: TenantDep) -> StreamingResponse:
+    row = await run_in_threadpool(get_owned, session, FileRow, file_id, tenant.id, "file", "file_id")
+    path = services.artifacts.local_path(row.storage_key)
+    if row.sha256 is None:  # stored before digests were kept: recorded now, checked from now on
+        digest = await run_in_threadpool(file_digest, path)
+        row.sha256 = digest["sha256"]
+        await run_in_threadpool(session.commit)
+    return await file_download(Stored(path, row.filename, row.bytes, row.sha256), request.headers.get("range"),
+                               "application/octet-stream")
 
 
 @router.delete("/{file_id}")
@@ -101,7 +111,7 @@ def delete_file(file_id: str, services: ServicesDep, session: SessionDep, tenant
         or_(JobRow.training_file == file_id, JobRow.validation_file == file_id)))
     if busy:
         raise APIError(409, f"File {file_id} is in use by fine-tuning job {busy}", param="file_id", code="file_in_use")
-    session.delete(row)
-    session.commit()
-    services.artifacts.delete(row.storage_key)
+    with services.artifacts.removing(row.storage_key):  # the file goes first; put back if the row cannot go
+        session.delete(row)
+        session.commit()
     return {"id": file_id, "object": "file", "deleted": True}

@@ -23,10 +23,11 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Row, bindparam, select
 
-from adapters.errors import InputError
+from jobs.base_models import check_targets, context_length
 from jobs.errors import NotFound
 from jobs.ids import new_id
 from jobs.lifecycle import FINE_TUNING, new_event, request_cancel, submit
+from jobs.quotas import check_active_jobs
 from jobs.store import base_model, get_owned, insert_new, now, page
 from jobs.tables import CheckpointRow, FileRow, JobEventRow, JobRow
 from service.deps import Services, ServicesDep, SessionDep, TenantDep
@@ -61,19 +62,22 @@ def _hyperparameters(body: FineTuningJobCreate) -> Hyperparameters:
 
 
 def _lora(body: FineTuningJobCreate, base_path: str, max_rank: int) -> dict:
-    from adapters.checkpoint import check_target_modules, resolve_model_dir
-
     lora = body.lora or LoraOptions()
     if lora.rank > max_rank:
         raise APIError(400, f"lora.rank {lora.rank} is above the maximum rank {max_rank}", param="lora.rank",
                        code="rank_too_large")
-    try:
-        check_target_modules(resolve_model_dir(base_path), lora.target_modules)
-    except InputError as exc:
-        raise APIError(400, f"lora.target_modules: {exc}", param="lora.target_modules", code="invalid_value") from exc
+    targets = lora.target_modules
+    check_targets(base_path, targets if isinstance(targets, str) else tuple(targets))
     values = lora.model_dump()
     values["alpha"] = values["alpha"] if values["alpha"] is not None else 2 * lora.rank
     return values
+
+
+def _check_context(max_seq_len: int, base) -> None:
+    limit = context_length(base.path)
+    if limit is not None and max_seq_len > limit:
+        raise APIError(400, f"hyperparameters.max_seq_len {max_seq_len} is longer than the {limit} tokens base model "
+                       f"{base.name!r} takes", param="hyperparameters.max_seq_len", code="invalid_value")
 
 
 _TENANT_FILES = select(FileRow.id, FileRow.purpose, FileRow.records).where(
@@ -105,7 +109,9 @@ def _create_job(body: FineTuningJobCreate, services: Services, tenant_id: str) -
     with services.db.engine.connect() as conn:
         base = base_model(conn, body.model)
         train_file, val_file = _datasets(conn, tenant_id, body)
+        check_active_jobs(conn, tenant_id, services.settings.max_active_jobs)
         hp = resolve_hyperparameters(_hyperparameters(body), train_file.records or 1)
+        _check_context(hp["max_seq_len"], base)
         lora = _lora(body, base.path, services.settings.max_rank)
 
         job = JobRow(id=new_id("ftjob"), tenant_id=tenant_id, model=base.name, training_file=train_file.id,

@@ -12,22 +12,24 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from jobs.ids import new_id
 from jobs.lifecycle import MERGE, request_cancel, submit
+from jobs.base_models import checkpoint_bytes
+from jobs.quotas import check_active_jobs, check_storage
 from jobs.store import adapter_by_ref, base_model, get_owned, now, page
 from jobs.tables import MergeEventRow, MergeRow
-from service.archive import tar_stream
 from service.deps import ServicesDep, SessionDep, TenantDep
+from service.downloads import Stored, archive_download, file_download
 from service.errors import APIError
 from service.objects import event_object, listing, merge_object
 from service.schemas import MergeCreate
 
 router = APIRouter(prefix="/v1/merges", tags=["merges"])
-SHA_HEADER = "X-Content-Sha256"
 
 
 @router.post("")
@@ -44,6 +46,8 @@ def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, 
                            param=f"adapters.{i}.adapter", code="base_mismatch")
         refs.append({"adapter": item.adapter, "adapter_id": adapter.id, "weight": float(item.weight)})
     request = {**body.model_dump(exclude={"adapters", "base_model"}), "adapters": refs}
+    check_active_jobs(session, tenant.id, services.settings.max_active_jobs)
+    check_storage(session, tenant.id, services.settings.max_stored_bytes, checkpoint_bytes(base.path))
     row = MergeRow(id=new_id("merge"), tenant_id=tenant.id, base_model=base.name, request=request, status="queued",
                    files=[], created_at=now(), enqueued_at=time.time())
     session.add(row)
@@ -97,19 +101,20 @@ def list_merge_files(merge_id: str, session: SessionDep, tenant: TenantDep) -> d
 
 
 @router.get("/{merge_id}/files/{name}")
-def download_merge_file(merge_id: str, name: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> FileResponse:
-    row = _finished(session, merge_id, tenant.id)
+async def download_merge_file(merge_id: str, name: str, request: Request, services: ServicesDep, session: SessionDep,
+                              tenant: TenantDep) -> StreamingResponse:
+    row = await run_in_threadpool(_finished, session, merge_id, tenant.id)
     entry = next((f for f in row.files if f["name"] == name), None)
     if entry is None:  # only manifest names are served: no path ever reaches the filesystem unchecked
         raise APIError(404, f"Merge {merge_id} has no file {name!r}", param="name", code="not_found")
     path = services.artifacts.local_path(row.storage_key) / entry["name"]
-    return FileResponse(path, media_type="application/octet-stream", filename=entry["name"],
-                        headers={SHA_HEADER: entry["sha256"]})
+    return await file_download(Stored(path, entry["name"], entry["bytes"], entry["sha256"]),
+                               request.headers.get("range"), "application/octet-stream")
 
 
 @router.get("/{merge_id}/archive")
 def download_merge_archive(merge_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
+    """The merged checkpoint as a tar (`<merge_id>/<file>`), each file checked against the manifest's sha256."""
     row = _finished(session, merge_id, tenant.id)
     root = services.artifacts.local_path(row.storage_key)
-    return StreamingResponse(tar_stream(root, row.id), media_type="application/x-tar",
-                             headers={"Content-Disposition": f'attachment; filename="{row.id}.tar"'})
+    return archive_download([Stored(root / f["name"], f["name"], f["bytes"], f["sha256"]) for f in row.files], row.id)

@@ -292,7 +292,8 @@ def test_validation_errors_health_and_unknown_routes_use_the_error_shape(api):
     assert_openai_error(api.client.get("/v1/fine_tuning/jobs", headers=api.auth("alice"), params={"limit": 0}), 400, "limit")
     assert_openai_error(api.client.post("/v1/fine_tuning/jobs", headers=api.auth("alice"), content=b"{nope",
                                         ), 400)
-    assert_openai_error(api.client.get("/v1/nothing-here"), 404)
+    assert_openai_error(api.client.get("/v1/nothing-here", headers=api.auth("alice")), 404)
+    assert_openai_error(api.client.get("/v1/nothing-here"), 401)  # who asks comes first
     assert_openai_error(api.client.put("/v1/files", headers=api.auth("alice")), 405)
     assert api.client.get("/healthz").json() == {"status": "ok"}
     ready = api.client.get("/readyz").json()
