@@ -120,12 +120,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise _unsatisfiable(size)
         return max(0, size - n), size - 1
     first = int(match[1])
-    last = int(match[2]) if match[2] else size - 1
-    if last < first:
+    if match[2] and int(match[2]) < first:
         return None  # syntactically invalid: ignored
     if first >= size:
         raise _unsatisfiable(size)
-    return first, min(last, size - 1)
+    return first, min(int(match[2]) if match[2] else size - 1, size - 1)
 
 
 def _unsatisfiable(size: int) -> APIError:

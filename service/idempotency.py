@@ -31,8 +31,30 @@ def _key(scope) -> bytes | None:
     return None
 
 
-def _fingerprint_start(scope) -> "hashlib._Hash":
-    return hashlib.sha256(f"{scope['method']} {scope['path']}\n".encode())
+class Fingerprint:
+    """sha256 of method, path and body, with a multipart body's boundary (random per encoding) made neutral,
+    so a client that encodes the same form again on retry sends the same request."""
+
+    def __init__(self, scope):
+        self.digest = hashlib.sha256(f"{scope['method']} {scope['path']}\n".encode())
+        content_type = next((v for k, v in scope["headers"] if k == b"content-type"), b"")
+        _, _, boundary = content_type.partition(b"boundary=")
+        self.boundary = boundary.split(b";")[0].strip(b'" ')
+        self.tail = b""
+
+    def update(self, chunk: bytes) -> None:
+        if not self.boundary:
+            self.digest.update(chunk)
+            return
+        data = (self.tail + chunk).replace(self.boundary, b"<boundary>")
+        keep = len(self.boundary) - 1  # a boundary may be cut between two chunks
+        self.digest.update(data[:len(data) - keep] if len(data) > keep else b"")
+        self.tail = data[len(data) - keep:] if len(data) > keep else data
+
+    def hexdigest(self) -> str:
+        self.digest.update(self.tail)
+        self.tail = b""
+        return self.digest.hexdigest()
 
 
 class Idempotency:
@@ -55,7 +77,7 @@ class Idempotency:
         if prior.status is None:
             return await answer(send, 409, "A request with this Idempotency-Key is still being processed; retry "
                                 "shortly", "idempotency_key_in_use", "invalid_request_error", [(b"retry-after", b"1")])
-        digest = _fingerprint_start(scope)
+        digest = Fingerprint(scope)
         while True:
             message = await receive()
             digest.update(message.get("body", b""))
@@ -71,7 +93,7 @@ class Idempotency:
         await send({"type": "http.response.body", "body": body})
 
     async def _first(self, scope, receive, send, tenant_id: str, key: str) -> None:
-        digest, status, chunks, size = _fingerprint_start(scope), None, [], 0
+        digest, status, chunks, size = Fingerprint(scope), None, [], 0
 
         async def hashed_receive():
             message = await receive()

@@ -34,6 +34,11 @@ router = APIRouter(prefix="/v1/merges", tags=["merges"])
 
 @router.post("")
 def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
+    from merge.methods import make_method
+    from merge.writer import parse_size
+
+    make_method(body.method, density=body.density, drop_rate=body.drop_rate, rank=body.rank, seed=body.seed)
+    parse_size(body.max_shard_size)  # what the worker will do with these, refused now rather than there
     base = base_model(session, body.base_model, param="base_model")
     if body.rank is not None and body.rank > services.settings.max_rank:
         raise APIError(400, f"rank {body.rank} is above the maximum rank {services.settings.max_rank}", param="rank",

@@ -40,15 +40,26 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path, llama_base) -> Api:
-    settings = Settings(data_dir=tmp_path / "data", admin_key=ADMIN_KEY, max_upload_bytes=64 * 1024, max_rank=32)
-    app = create_app(settings)
-    keys = {}
-    with app.state.services.db.sessions() as session:
-        for name in ("alice", "bob"):
-            keys[name] = create_tenant(session, name)[1]
-        register_base_model(session, "tiny", str(llama_base))
-    return Api(TestClient(app), app, keys, settings)
+def make_api(tmp_path, llama_base):
+    """`make_api(**settings)`: the app over a fresh data dir, with tenants alice and bob and base model "tiny"."""
+
+    def make(**overrides) -> Api:
+        settings = Settings(**{"data_dir": tmp_path / "data", "admin_key": ADMIN_KEY, "max_upload_bytes": 64 * 1024,
+                               "max_rank": 32, **overrides})
+        app = create_app(settings)
+        keys = {}
+        with app.state.services.db.sessions() as session:
+            for name in ("alice", "bob"):
+                keys[name] = create_tenant(session, name)[1]
+            register_base_model(session, "tiny", str(llama_base))
+        return Api(TestClient(app), app, keys, settings)
+
+    return make
+
+
+@pytest.fixture
+def api(make_api) -> Api:
+    return make_api()
 
 
 def stored_files(api: Api) -> list[Path]:
