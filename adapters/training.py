@@ -32,6 +32,7 @@ import torch
 from adapters.checkpoint import check_target_modules, resolve_model_dir, safetensors_files
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
+from adapters.layouts import is_conv1d
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
 
 STATE_FILE = "training_state.pt"
@@ -152,7 +153,8 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
 def _lora_model(base_model, cfg: TrainingConfig):
     from peft import LoraConfig, get_peft_model
 
-    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in base_model.modules())  # GPT-2 style [d_in, d_out]
+    model_type = base_model.config.model_type
+    fan_in_fan_out = any(is_conv1d(model_type, name) for name, _ in base_model.named_modules())  # [d_in, d_out]
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
