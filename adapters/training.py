@@ -73,7 +73,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = 512
     max_rank: int = 1024
-    cache_dir: str | None = None  # tokenized datasets are cached here (`adapters.data.tokenize_jsonl`); None: not cached
+    cache_dir: str | None = None  # tokenized-dataset cache (`adapters.data.tokenize_jsonl`); None: no cache
 
     def validate(self) -> None:
         positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
@@ -214,7 +214,9 @@ class LoraTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
         self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
-        self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir) if cfg.validation else None
+        self.val_set = None
+        if cfg.validation:
+            self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
         base = base_model if base_model is not None else load_base_model(model_dir)
