@@ -290,10 +290,12 @@ def bind_adapter(adapter: AdapterInfo, base: BaseWeights) -> list[LoraBinding]:
 
 
 def validate_adapter(adapter_dir: str | Path, base_dir: str | Path, *, max_rank: int) -> AdapterInfo:
-    """Check a PEFT adapter against a base checkpoint by headers alone (milliseconds).
+    """Check a PEFT adapter against a base checkpoint by headers alone.
 
     Refuses pickled weights, unsupported LoRA variants, ranks above `max_rank`, target modules
     the base lacks, and any tensor whose shape does not fit (naming the tensor and both shapes).
+    A module the base stores under another key costs a lookup of transformers' renames
+    (`BaseWeights.key`); everything else reads only the JSON headers.
     """
     adapter = read_adapter(adapter_dir)
     if adapter.max_rank > max_rank:
