@@ -7,6 +7,7 @@ merges must read and write the checkpoint key, so that plain transformers loads 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -131,8 +132,8 @@ def _renamed_targets(model) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dic
 
 
 def _info(name: str, shape: tuple[int, ...]) -> TensorInfo:
-    numel = int(torch.tensor(shape).prod()) if shape else 1
-    return TensorInfo(name, Path("header-only.safetensors"), "F32", tuple(shape), 0, 4 * numel)
+    """A float32 tensor's header entry (no file behind it: binding reads shapes only)."""
+    return TensorInfo(name, Path("header-only.safetensors"), "F32", tuple(shape), 0, 4 * math.prod(shape))
 
 
 def test_every_causal_lm_that_transformers_renames_binds_lora_and_saved_modules_to_its_checkpoint_keys():
@@ -165,6 +166,8 @@ def test_every_causal_lm_that_transformers_renames_binds_lora_and_saved_modules_
     print(f"covered {covered}; transformers cannot build {unbuildable}")
     assert covered.get("gpt_neox") == 1  # lm_head <- embed_out.weight
     assert len(covered) >= 10
+    # transformers 5.24 cannot build these from their defaults here (gemma3n needs PIL; qwen4_exp's default config fails)
+    assert set(unbuildable) <= {"gemma3n", "qwen4_exp"}, unbuildable
 
 
 def test_a_tensor_transformers_converts_is_not_a_rename():
@@ -233,10 +236,15 @@ def test_names_found_as_stored_never_import_transformers(llama_base, tmp_path):
     stored as is (every Llama, GPT-2) never pays it."""
     adapter = save_peft_adapter(llama_base, tmp_path / "adapter", r=4, lora_alpha=8,
                                 target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
-    code = ("import sys; from adapters.peft_format import validate_adapter; from adapters.checkpoint import "
-            f"check_target_modules; validate_adapter({str(adapter)!r}, {str(llama_base)!r}, max_rank=8); "
-            f"check_target_modules(__import__('pathlib').Path({str(llama_base)!r}), ['q_proj', 'lm_head']); "
-            "print(json.dumps(sorted(m for m in ('torch', 'transformers') if m in sys.modules)))")
-    done = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, timeout=120)
+    code = f"""
+import json, sys
+from pathlib import Path
+from adapters.checkpoint import check_target_modules
+from adapters.peft_format import validate_adapter
+validate_adapter({str(adapter)!r}, {str(llama_base)!r}, max_rank=8)
+check_target_modules(Path({str(llama_base)!r}), ["q_proj", "lm_head"])
+print(json.dumps(sorted(m for m in ("torch", "transformers") if m in sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
