@@ -1,8 +1,10 @@
 """`loramill base create`: small random-initialised causal LMs in the Hugging Face layout.
 
-Two families cover the layouts real checkpoints have: Llama (separate q/k/v/o and gate/up/down
-`nn.Linear`s, RMSNorm, grouped-query attention) and GPT-2 (fused `c_attn`, `Conv1D` weights stored
-transposed as `[d_in, d_out]`). Either may tie `lm_head` to the token embedding.
+Three families cover the layouts real checkpoints have: Llama (separate q/k/v/o and gate/up/down
+`nn.Linear`s, RMSNorm, grouped-query attention), GPT-2 (fused `c_attn`, `Conv1D` weights stored
+transposed as `[d_in, d_out]`) and GPT-NeoX (fused `query_key_value` `nn.Linear`, and a head module
+`lm_head` that transformers stores under another key, `embed_out.weight`). Any may tie `lm_head`
+to the token embedding.
 """
 
 from __future__ import annotations
@@ -14,12 +16,17 @@ from pathlib import Path
 from adapters.errors import InputError
 from adapters.tokenizer import byte_tokenizer_vocab_size, save_byte_tokenizer
 
+ARCHS = ("llama", "gpt2", "gpt_neox")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class BaseModelSpec:
-    """Shape of a base model. Defaults train in seconds on a CPU (Llama: 451,200 parameters)."""
+    """Shape of a base model. Defaults train in seconds on a CPU (Llama: 451,200 parameters).
+
+    `kv_heads` applies to Llama only; GPT-2 and GPT-NeoX have one key/value head per query head,
+    so theirs is set to `heads`.
+    """
 
     arch: str = "llama"
     tie_embeddings: bool = False
@@ -33,9 +40,13 @@ class BaseModelSpec:
     dtype: str = "float32"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.arch != "llama":
+            object.__setattr__(self, "kv_heads", self.heads)
+
     def validate(self) -> None:
-        if self.arch not in ("llama", "gpt2"):
-            raise InputError(f"unknown arch {self.arch!r}; expected llama or gpt2", param="arch")
+        if self.arch not in ARCHS:
+            raise InputError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHS)}", param="arch")
         for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_positions"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}", param=name)
@@ -53,7 +64,7 @@ class BaseModelSpec:
 
 
 def _config(spec: BaseModelSpec, tok):
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     # Fan-in scale (1/sqrt(hidden)) rather than transformers' fixed 0.02: with a frozen random
@@ -67,6 +78,17 @@ def _config(spec: BaseModelSpec, tok):
             num_hidden_layers=spec.layers,
             num_attention_heads=spec.heads,
             num_key_value_heads=spec.kv_heads,
+            max_position_embeddings=spec.max_positions,
+            tie_word_embeddings=spec.tie_embeddings,
+            **special,
+        )
+    if spec.arch == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=spec.vocab,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
             max_position_embeddings=spec.max_positions,
             tie_word_embeddings=spec.tie_embeddings,
             **special,

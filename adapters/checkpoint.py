@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import InputError
+from adapters.layouts import transformers_renames
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
@@ -179,13 +180,25 @@ def check_target_modules(model_dir: Path, targets: str | tuple[str, ...] | list[
     """Refuse LoRA target modules the base does not have, from the checkpoint headers alone.
 
     `targets` is "all-linear" (always fine) or module names; a name matches a module by its last
-    dotted component (`q_proj`) or its full name (`model.layers.0.self_attn.q_proj`).
+    dotted component (`q_proj`) or its full name (`model.layers.0.self_attn.q_proj`). A module
+    stored under another key (GPT-NeoX's `lm_head` as `embed_out.weight`) is found the way
+    transformers finds it, looked up only when a target is not found as stored (see
+    `adapters.layouts`).
     """
     if isinstance(targets, str):
         return
-    modules = {name.rsplit(".", 1)[0] for name in read_checkpoint(model_dir)}
-    leaves = {m.rsplit(".", 1)[-1] for m in modules}
-    unknown = [t for t in targets if t not in leaves and t not in modules]
+    keys = read_checkpoint(model_dir)
+    modules = {name.rsplit(".", 1)[0] for name in keys}
+    if any(_unknown(targets, modules)):
+        modules |= {name.rsplit(".", 1)[0] for name in transformers_renames(read_config(model_dir), keys)}
+    unknown = _unknown(targets, modules)
     if unknown:
-        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(sorted(leaves))}",
+        leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise InputError(f"unknown target module {unknown[0]!r}; this base has {', '.join(leaves)}",
                          param="targets", code="invalid_value")
+
+
+def _unknown(targets: tuple[str, ...] | list[str], modules: set[str]) -> list[str]:
+    """The targets that name no module, neither by full name nor by last component."""
+    leaves = {m.rsplit(".", 1)[-1] for m in modules}
+    return [t for t in targets if t not in leaves and t not in modules]

@@ -185,44 +185,49 @@ def _record_format(obj: dict) -> tuple[str | None, list[str]]:
 
 
 def _chat_problems(messages: Any) -> list[str]:
+    """Problems of a chat record's `messages`: each message's own, then whether any trains."""
     if not isinstance(messages, list):
         return [f"field 'messages': expected an array, got {_json_type(messages)}"]
     if not messages:
         return ["field 'messages': empty array"]
-    problems: list[str] = []
-    trainable = False
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            problems.append(f"field '{where}': expected an object, got {_json_type(msg)}")
-            continue
-        for key in msg:
-            if key not in MESSAGE_KEYS:
-                problems.append(f"field '{where}.{key}': unknown field (a message has role, content and optional weight)")
-        role, content = msg.get("role"), msg.get("content")
-        if "role" not in msg:
-            problems.append(f"field '{where}.role': missing")
-        elif role not in ROLES:
-            got = repr(role) if isinstance(role, str) else _json_type(role)
-            problems.append(f"field '{where}.role': expected one of {', '.join(ROLES)}, got {got}")
-        if "content" not in msg:
-            problems.append(f"field '{where}.content': missing")
-        elif not isinstance(content, str):
-            problems.append(f"field '{where}.content': expected a string, got {_json_type(content)}")
-        if "weight" in msg:
-            weight = msg["weight"]
-            if role != "assistant":
-                problems.append(f"field '{where}.weight': only assistant messages take a weight")
-            elif isinstance(weight, bool) or weight not in (0, 1):
-                got = repr(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else _json_type(weight)
-                problems.append(f"field '{where}.weight': expected 0 or 1, got {got}")
-        if role == "assistant" and isinstance(content, str) and content and msg.get("weight", 1) == 1:
-            trainable = True
-    if not trainable and not problems:
+    problems = [problem for i, msg in enumerate(messages) for problem in _message_problems(f"messages[{i}]", msg)]
+    if not problems and not any(_is_trained(msg) for msg in messages):
         problems.append(
             "field 'messages': no assistant message to train on (need one with non-empty content and weight 1 or absent)"
         )
     return problems
+
+
+def _message_problems(where: str, msg: Any) -> list[str]:
+    """Problems of one message (`where` is e.g. `messages[2]`): its type, keys, role, content, weight."""
+    if not isinstance(msg, dict):
+        return [f"field '{where}': expected an object, got {_json_type(msg)}"]
+    problems = [f"field '{where}.{key}': unknown field (a message has role, content and optional weight)"
+                for key in msg if key not in MESSAGE_KEYS]
+    role, content = msg.get("role"), msg.get("content")
+    if "role" not in msg:
+        problems.append(f"field '{where}.role': missing")
+    elif role not in ROLES:
+        got = repr(role) if isinstance(role, str) else _json_type(role)
+        problems.append(f"field '{where}.role': expected one of {', '.join(ROLES)}, got {got}")
+    if "content" not in msg:
+        problems.append(f"field '{where}.content': missing")
+    elif not isinstance(content, str):
+        problems.append(f"field '{where}.content': expected a string, got {_json_type(content)}")
+    if "weight" in msg:
+        weight = msg["weight"]
+        if role != "assistant":
+            problems.append(f"field '{where}.weight': only assistant messages take a weight")
+        elif isinstance(weight, bool) or weight not in (0, 1):
+            got = repr(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else _json_type(weight)
+            problems.append(f"field '{where}.weight': expected 0 or 1, got {got}")
+    return problems
+
+
+def _is_trained(msg: dict) -> bool:
+    """An assistant message whose non-empty content the loss covers (weight 1 or absent)."""
+    content = msg.get("content")
+    return msg.get("role") == "assistant" and isinstance(content, str) and content != "" and msg.get("weight", 1) == 1
 
 
 def _iter_records(path: Path, log: _ErrorLog) -> Iterator[tuple[int, str, dict]]:
@@ -353,7 +358,7 @@ class _Encoder:
         flat = [s for plan in plans if plan for s in plan]
         encoded = self.tok(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
         pos = 0
-        for (lineno, fmt, rec), plan in zip(chunk, plans):
+        for (lineno, fmt, rec), plan in zip(chunk, plans, strict=True):
             if plan is None:
                 continue
             ids = encoded[pos : pos + len(plan)]
@@ -620,7 +625,8 @@ def iterate_batches(
         batch = _padded_batch(row_ids, row_labels, pad_id)
         width = batch["input_ids"].shape[1]
         positions = np.stack([np.concatenate([p, np.arange(width - len(p))]) for p in row_positions])
-        segments = np.stack([np.concatenate([g, np.full(width - len(g), len(row))]) for g, row in zip(row_segments, rows)])
+        segments = np.stack([np.concatenate([g, np.full(width - len(g), len(row))])
+                             for g, row in zip(row_segments, rows, strict=True)])
         yield {
             "input_ids": batch["input_ids"],
             "position_ids": torch.from_numpy(positions),
@@ -637,7 +643,7 @@ def _padded_batch(ids: list[np.ndarray], labels: list[np.ndarray], pad_id: int) 
     batch_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
     batch_labels = np.full((len(ids), width), IGNORE_INDEX, dtype=np.int64)
     mask = np.zeros((len(ids), width), dtype=np.int64)
-    for r, (x, y) in enumerate(zip(ids, labels)):
+    for r, (x, y) in enumerate(zip(ids, labels, strict=True)):
         batch_ids[r, : len(x)] = x
         batch_labels[r, : len(y)] = y
         mask[r, : len(x)] = 1

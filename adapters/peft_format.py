@@ -13,6 +13,10 @@ The delta a LoRA module adds is `ΔW = s · B A` with `s = alpha / r` (rsLoRA: `
 `r` and `alpha` taken from `rank_pattern` / `alpha_pattern` when a pattern matches the module.
 A base tensor stores `ΔW` as is for `nn.Linear` ([d_out, d_in]) and transposed for GPT-2's
 `Conv1D` ([d_in, d_out]) and for embeddings ([V, d]).
+
+`<module>` is the model's module name (`lm_head`); the base checkpoint may store that module's
+weight under another key (GPT-NeoX: `embed_out.weight`), which `BaseWeights.key` finds the way
+transformers does (`adapters.layouts`).
 """
 
 from __future__ import annotations
@@ -21,19 +25,20 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from adapters.checkpoint import PICKLE_SUFFIXES, TensorInfo, read_checkpoint, read_config, read_safetensors_header
 from adapters.errors import InputError
+from adapters.layouts import is_conv1d, transformers_renames
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # an adapter is these two files, nothing else
 KEY_PREFIX = "base_model.model."
+# The A and B tensors of a LoRA pair, by kind: "linear" (nn.Linear, Conv1D) or "embedding".
+LORA_PARTS = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 
-# Architectures whose projections are transformers' `Conv1D` (weight stored [d_in, d_out]).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt"})
-CONV1D_LEAVES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 # Input-embedding modules a tied `lm_head` may share its weight with.
 EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 HEAD_TENSOR = "lm_head.weight"
@@ -81,8 +86,8 @@ class AdapterInfo:
 class BaseWeights:
     """A base checkpoint's tensors as a merge sees them, with a tied head resolved.
 
-    `tied` is `(head tensor, embedding tensor)` when `lm_head` shares the input embedding and
-    the checkpoint stores only the embedding.
+    `tensors` are keyed as the checkpoint stores them. `tied` is `(head tensor, embedding tensor)`
+    when `lm_head` shares the input embedding and the checkpoint stores only the embedding.
     """
 
     path: Path
@@ -90,11 +95,31 @@ class BaseWeights:
     tensors: dict[str, TensorInfo]
     tied: tuple[str, str] | None
 
+    @cached_property
+    def renamed(self) -> dict[str, str]:
+        """`{model key: checkpoint key}` for the tensors transformers loads under another name.
+
+        Costly on first use (imports transformers; see `adapters.layouts`), so only `key` asks.
+        """
+        return transformers_renames(self.config, self.tensors)
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of the model's tensor `name` (e.g. `lm_head.weight`).
+
+        `name` itself when the checkpoint stores it so, or when it is the tied head (a merge that
+        changes it writes it under its own name); else the key transformers renames to `name` on
+        load (GPT-NeoX: `embed_out.weight`); else `name`, which `find` then does not find.
+        """
+        if name in self.tensors or (self.tied and name == self.tied[0]):
+            return name
+        return self.renamed.get(name, name)
+
     def find(self, name: str) -> TensorInfo | None:
-        """The stored tensor `name`, or the embedding it is tied to."""
-        if name in self.tensors:
-            return self.tensors[name]
-        if self.tied and name == self.tied[0]:
+        """The stored tensor holding the model's tensor `name`, or the embedding a tied head reads."""
+        key = self.key(name)
+        if key in self.tensors:
+            return self.tensors[key]
+        if self.tied and key == self.tied[0]:
             return self.tensors[self.tied[1]]
         return None
 
@@ -103,7 +128,8 @@ class BaseWeights:
 class LoraBinding:
     """A LoRA module bound to the base tensor it changes.
 
-    `transposed`: the base tensor stores `(B A)ᵀ` (Conv1D, embeddings), else `B A`.
+    `tensor`: that tensor's checkpoint key (`BaseWeights.key`). `transposed`: the base tensor
+    stores `(B A)ᵀ` (Conv1D, embeddings), else `B A`.
     """
 
     lora: LoraModule
@@ -171,23 +197,19 @@ def _weights_file(adapter_dir: Path) -> Path:
     raise InputError(f"{adapter_dir}: no {WEIGHTS_NAME}")
 
 
-def read_adapter(adapter_dir: str | Path) -> AdapterInfo:
-    """Read and check a PEFT LoRA adapter directory. Raises `InputError` naming what is wrong."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise InputError(f"adapter {adapter_dir} is not a directory")
-    config = _adapter_config(adapter_dir)
-    file = _weights_file(adapter_dir)
-    tensors = read_safetensors_header(file)
-    modules_to_save = config.get("modules_to_save") or []
+def _classify(file: Path, tensors: dict[str, TensorInfo], modules_to_save: list[str]
+              ) -> tuple[dict[str, dict[str, TensorInfo]], dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """Sort an adapter's tensors by role: LoRA parts by module, `modules_to_save` copies and
+    PEFT's base-layer copies by the model tensor they stand for. Refuses anything else."""
     parts: dict[str, dict[str, TensorInfo]] = {}
     saved: dict[str, TensorInfo] = {}
     copies: dict[str, TensorInfo] = {}
+    part_names = "|".join(re.escape(part) for pair in LORA_PARTS.values() for part in pair)
     for key, info in tensors.items():
         if info.dtype not in ("F32", "F16", "BF16"):
             raise InputError(f"{file.name}: tensor {key!r} has dtype {info.dtype}; LoRA weights must be floating point")
         name = key.removeprefix(KEY_PREFIX)
-        match = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", name)
+        match = re.fullmatch(rf"(.+)\.({part_names})", name)
         if match:
             parts.setdefault(match[1], {})[match[2]] = info
         elif name.endswith(".base_layer.weight"):
@@ -196,47 +218,57 @@ def read_adapter(adapter_dir: str | Path) -> AdapterInfo:
             saved[name] = info
         else:
             raise InputError(f"{file.name}: unsupported adapter tensor {key!r}")
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    loras = {}
-    for module, found in parts.items():
-        kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
-        if a_key not in found or b_key not in found:
-            missing = b_key if a_key in found else a_key
-            raise InputError(f"{file.name}: module {module!r} has no {missing}")
-        a, b = found[a_key], found[b_key]
-        rank = int(_pattern_value(rank_pattern, module, config["r"]))
-        alpha = float(_pattern_value(alpha_pattern, module, config["lora_alpha"]))
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise InputError(
-                f"{file.name}: module {module!r} has {a_key} {list(a.shape)} and {b_key} {list(b.shape)}, "
-                f"but its configured rank is {rank}"
-            )
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        loras[module] = LoraModule(module, kind, a, b, rank, alpha, scale)
+    return parts, saved, copies
+
+
+def _pair(file: Path, module: str, found: dict[str, TensorInfo], config: dict) -> LoraModule:
+    """One module's A and B as a `LoraModule`, checked against its configured rank."""
+    kind = "embedding" if any(part in found for part in LORA_PARTS["embedding"]) else "linear"
+    a_key, b_key = LORA_PARTS[kind]
+    if a_key not in found or b_key not in found:
+        missing = b_key if a_key in found else a_key
+        raise InputError(f"{file.name}: module {module!r} has no {missing}")
+    a, b = found[a_key], found[b_key]
+    rank = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
+    if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise InputError(
+            f"{file.name}: module {module!r} has {a_key} {list(a.shape)} and {b_key} {list(b.shape)}, "
+            f"but its configured rank is {rank}"
+        )
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoraModule(module, kind, a, b, rank, alpha, scale)
+
+
+def read_adapter(adapter_dir: str | Path) -> AdapterInfo:
+    """Read and check a PEFT LoRA adapter directory. Raises `InputError` naming what is wrong."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise InputError(f"adapter {adapter_dir} is not a directory")
+    config = _adapter_config(adapter_dir)
+    file = _weights_file(adapter_dir)
+    parts, saved, copies = _classify(file, read_safetensors_header(file), config.get("modules_to_save") or [])
+    loras = {module: _pair(file, module, found, config) for module, found in parts.items()}
     if not loras and not saved:
         raise InputError(f"{file.name}: no LoRA tensors")
     return AdapterInfo(adapter_dir, config, file, loras, saved, copies)
 
 
-def _is_conv1d(module: str, adapter: AdapterInfo, base: BaseWeights) -> bool:
-    if adapter.config.get("fan_in_fan_out"):
-        return True
-    return base.config.get("model_type") in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_LEAVES
-
-
 def bind_adapter(adapter: AdapterInfo, base: BaseWeights) -> list[LoraBinding]:
     """Bind every LoRA module to its base tensor; check every shape against the base.
 
-    Raises `InputError` naming the module or tensor and both shapes when they do not fit.
+    A module binds to the checkpoint key that holds its weight (`BaseWeights.key`), so a merge
+    writes each tensor under the key the base checkpoint uses. Raises `InputError` naming the
+    module or tensor and both shapes when they do not fit.
     """
+    model_type = base.config.get("model_type")
     bindings = []
     for module, lora in adapter.loras.items():
-        tensor = f"{module}.weight"
+        tensor = base.key(f"{module}.weight")
         target = base.find(tensor)
         if target is None:
             raise InputError(f"adapter {adapter.path} targets module {module!r}, which base model {base.path} does not have")
-        transposed = lora.kind == "embedding" or _is_conv1d(module, adapter, base)
+        transposed = lora.kind == "embedding" or is_conv1d(model_type, module)
         rows, cols = lora.b.shape[0], lora.a.shape[1]  # B A is [rows, cols]
         expected = (cols, rows) if transposed else (rows, cols)
         if target.shape != expected:
@@ -258,10 +290,12 @@ def bind_adapter(adapter: AdapterInfo, base: BaseWeights) -> list[LoraBinding]:
 
 
 def validate_adapter(adapter_dir: str | Path, base_dir: str | Path, *, max_rank: int) -> AdapterInfo:
-    """Check a PEFT adapter against a base checkpoint by headers alone (milliseconds).
+    """Check a PEFT adapter against a base checkpoint by headers alone.
 
     Refuses pickled weights, unsupported LoRA variants, ranks above `max_rank`, target modules
     the base lacks, and any tensor whose shape does not fit (naming the tensor and both shapes).
+    A module the base stores under another key costs a lookup of transformers' renames
+    (`BaseWeights.key`); everything else reads only the JSON headers.
     """
     adapter = read_adapter(adapter_dir)
     if adapter.max_rank > max_rank:

@@ -11,8 +11,9 @@ backbone's hidden states at supervised positions go through the LM head in chunk
 `[batch, seq, vocab]`.
 
 A checkpoint (`<out>/checkpoints/step-NNNNNN/`) holds the adapter, the optimizer, scheduler and
-RNG states and the position in the data; resuming from it replays the same batches in the same
-order, so the result equals the uninterrupted run.
+RNG states, the position in the data and `metrics.jsonl` up to its step; resuming from it, into
+the same `out` or a fresh one, replays the same batches in the same order and continues the
+metrics from the checkpoint's copy, so adapter and metrics equal the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -25,16 +26,19 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from adapters.checkpoint import check_target_modules, resolve_model_dir, safetensors_files
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
+from adapters.layouts import is_conv1d
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
+from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 STATE_FILE = "training_state.pt"
+METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     loss_chunk_tokens: int = 512
     max_rank: int = 1024
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # tokenized-dataset cache (`adapters.data.tokenize_jsonl`); None: no cache
 
     def validate(self) -> None:
         positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
@@ -152,7 +156,8 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
 def _lora_model(base_model, cfg: TrainingConfig):
     from peft import LoraConfig, get_peft_model
 
-    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in base_model.modules())  # GPT-2 style [d_in, d_out]
+    model_type = base_model.config.model_type
+    fan_in_fan_out = any(is_conv1d(model_type, name) for name, _ in base_model.named_modules())  # [d_in, d_out]
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -208,12 +213,12 @@ class LoraTrainer:
         check_target_modules(model_dir, cfg.targets)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
-        cache = cfg.cache_dir or os.environ.get("LORAMILL_DATASET_CACHE") or Path.home() / ".cache" / "loramill" / "datasets"
-        self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cache)
-        self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cache) if cfg.validation else None
+        self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
+        self.val_set = None
+        if cfg.validation:
+            self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-        self.owns_base = base_model is None
         base = base_model if base_model is not None else load_base_model(model_dir)
         self.device = next(base.parameters()).device
         self.model = _lora_model(base, cfg)
@@ -240,66 +245,59 @@ class LoraTrainer:
         self.micro_in_epoch = 0  # micro-batches of the current epoch already consumed
         self.tokens_seen = 0
         self.checkpoints: list[Path] = []
-        self.resumed_at_step = 0
-        if cfg.resume_from:
-            self._load_state(Path(cfg.resume_from))
+        self.resumed_from = Path(cfg.resume_from) if cfg.resume_from else None
+        if self.resumed_from:
+            self._load_state(self.resumed_from)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> TrainingResult:
-        from adapters.data import iterate_batches
-
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = _MetricsLog(self.out / "metrics.jsonl", after_step=self.step)
-        self.model.train()
-        started, tokens_at_start = time.perf_counter(), self.tokens_seen
+        metrics = _MetricsLog(self.out / METRICS_NAME, resumed_from=self.resumed_from, step=self.step)
+        clock = _Clock(self.step, self.tokens_seen)
+        batches = self._epoch_batches()
         loss = val_loss = None
         stopped = False
-        while self.step < self.total_steps and self.epoch < cfg.epochs:
-            batches = iterate_batches(self.train_set, batch_size=cfg.batch_size, pad_id=self.pad_id,
-                                      max_seq_len=cfg.max_seq_len, packing=cfg.packing, shuffle=True,
-                                      seed=cfg.seed, epoch=self.epoch, start_batch=self.micro_in_epoch,
-                                      mask_dtype=self.autocast_dtype)
-            while self.step < self.total_steps:
-                group = list(itertools.islice(batches, cfg.grad_accum))
-                if not group:  # epoch done; a short last group made a step of its own (loss is per token)
-                    break
-                self.micro_in_epoch += len(group)
-                loss = self._optimizer_step(group)
-                self.step += 1
-                saved = self._maybe_checkpoint()
-                evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
-                if evaluated:
-                    val_loss = self.evaluate()
-                elapsed = time.perf_counter() - started
-                rate = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
-                steps_left = self.total_steps - self.step
-                report = TrainingProgress(
-                    step=self.step, total_steps=self.total_steps,
-                    epoch=self.epoch + self.micro_in_epoch / max(1, self.batches_per_epoch),
-                    loss=loss, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
-                    tokens_per_s=rate, eta_s=steps_left * elapsed / max(1, self.step - self.resumed_at_step),
-                    val_loss=val_loss if evaluated else None,
-                    checkpoint=saved,
-                )
-                metrics.write(report)
-                if self.progress is not None and self.progress(report):
-                    stopped = True
-                    break
-            if stopped:
+        self.model.train()
+        while self.step < self.total_steps:
+            group = list(itertools.islice(batches, cfg.grad_accum))  # the epoch's last group may be short
+            loss = self._optimizer_step(group)
+            self.step += 1
+            self.micro_in_epoch += len(group)
+            step_val = epoch_val = None
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.val_set is not None:
+                step_val = val_loss = self.evaluate()
+            if self.micro_in_epoch == self.batches_per_epoch:
+                self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+                batches = self._epoch_batches()
+                if self.val_set is not None and not cfg.eval_every:
+                    epoch_val = val_loss = self.evaluate()
+            checkpoint = self._checkpoint_dir()
+            report = self._report(loss, step_val, checkpoint, clock)
+            metrics.write(report)
+            if epoch_val is not None:
+                metrics.write_eval(self.step, self.epoch, epoch_val)
+            if checkpoint is not None:
+                self._save_checkpoint(checkpoint, metrics.path)
+            if self.progress is not None and self.progress(report):
+                stopped = True
                 break
-            self.epoch += 1
-            self.micro_in_epoch = 0
-            if self.val_set is not None and not cfg.eval_every:
-                val_loss = self.evaluate()
-                metrics.write_eval(self.step, self.epoch, val_loss)
         if not stopped and self.val_set is not None and val_loss is None:
             val_loss = self.evaluate()
         adapter_dir = None if stopped else self._save_adapter()
         return TrainingResult(adapter_dir=adapter_dir, steps=self.step, trained_tokens=self.tokens_seen,
                               final_loss=loss, metrics_path=metrics.path, stopped=stopped,
                               val_loss=val_loss, checkpoints=list(self.checkpoints))
+
+    def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The current epoch's micro-batches from the current position (lazy)."""
+        from adapters.data import iterate_batches
+
+        cfg = self.cfg
+        return iterate_batches(self.train_set, batch_size=cfg.batch_size, pad_id=self.pad_id,
+                               max_seq_len=cfg.max_seq_len, packing=cfg.packing, shuffle=True, seed=cfg.seed,
+                               epoch=self.epoch, start_batch=self.micro_in_epoch, mask_dtype=self.autocast_dtype)
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch.pop("labels")
@@ -338,18 +336,34 @@ class LoraTrainer:
         self.model.train()
         return total / max(1, count)
 
+    # -- reporting ------------------------------------------------------------------------------
+
+    def _report(self, loss: float, val_loss: float | None, checkpoint: Path | None, clock: _Clock) -> TrainingProgress:
+        elapsed = time.perf_counter() - clock.started
+        return TrainingProgress(
+            step=self.step, total_steps=self.total_steps,
+            epoch=self.epoch + self.micro_in_epoch / max(1, self.batches_per_epoch),
+            loss=loss, lr=self.scheduler.get_last_lr()[0], tokens_seen=self.tokens_seen,
+            tokens_per_s=(self.tokens_seen - clock.tokens) / max(elapsed, 1e-9),
+            eta_s=(self.total_steps - self.step) * elapsed / max(1, self.step - clock.step),
+            val_loss=val_loss, checkpoint=checkpoint,
+        )
+
     # -- files ----------------------------------------------------------------------------------
 
-    def _maybe_checkpoint(self) -> Path | None:
+    def _checkpoint_dir(self) -> Path | None:
+        """Where this step's checkpoint goes, when one is due (every `save_every` steps but the last)."""
         every = self.cfg.save_every
         if not every or self.step % every or self.step == self.total_steps:
             return None
-        target = self.out / "checkpoints" / f"step-{self.step:06d}"
+        return self.out / "checkpoints" / f"step-{self.step:06d}"
+
+    def _save_checkpoint(self, target: Path, metrics: Path) -> None:
         with atomic_directory(target, overwrite=True) as tmp:
             self.model.save_pretrained(str(tmp), safe_serialization=True)
             torch.save(self._state(), tmp / STATE_FILE)
+            shutil.copyfile(metrics, tmp / METRICS_NAME)
         self.checkpoints.append(target)
-        return target
 
     def _state(self) -> dict:
         return {
@@ -361,16 +375,14 @@ class LoraTrainer:
         }
 
     def _load_state(self, ckpt: Path) -> None:
+        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         state_path = ckpt / STATE_FILE
         if not state_path.exists():
             raise InputError(f"{ckpt} is not a loramill training checkpoint (no {STATE_FILE})", param="resume_from")
         state = torch.load(state_path, weights_only=True, map_location="cpu")
-        weights = load_file(str(ckpt / "adapter_model.safetensors"))
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(self.model, weights)
+        result = set_peft_model_state_dict(self.model, load_file(str(ckpt / WEIGHTS_NAME)))
         if getattr(result, "unexpected_keys", None):
             raise InputError(f"{ckpt}: checkpoint does not match this run's adapter ({result.unexpected_keys[0]})", param="resume_from")
         self.optimizer.load_state_dict(state["optimizer"])
@@ -380,13 +392,14 @@ class LoraTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.micro_in_epoch, self.tokens_seen = state["micro_in_epoch"], state["tokens_seen"]
-        self.resumed_at_step = self.step
+        if self.micro_in_epoch == self.batches_per_epoch:  # saved at an epoch's end by an earlier loramill
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
 
     def _save_adapter(self) -> Path:
         """PEFT's own files, each renamed into `out` so a reader never sees half an adapter."""
         staging = self.out / f".adapter.tmp-{os.getpid()}"
         self.model.save_pretrained(str(staging), safe_serialization=True)
-        for name in ("adapter_config.json", "README.md", "adapter_model.safetensors"):
+        for name in (CONFIG_NAME, "README.md", WEIGHTS_NAME):
             if (staging / name).exists():
                 os.replace(staging / name, self.out / name)
         shutil.rmtree(staging)
@@ -397,14 +410,29 @@ class LoraTrainer:
         self.model.unload()
 
 
-class _MetricsLog:
-    """metrics.jsonl, one JSON object per optimizer step (and per evaluation)."""
+@dataclass(frozen=True)
+class _Clock:
+    """Where this run (or resumption) started: throughput and ETA count from here."""
 
-    def __init__(self, path: Path, after_step: int):
+    step: int
+    tokens: int
+    started: float = field(default_factory=time.perf_counter)
+
+
+class _MetricsLog:
+    """metrics.jsonl, one JSON object per optimizer step (and per evaluation).
+
+    A resumed run starts from the checkpoint's copy of the log, or, for a checkpoint without one,
+    from the log already in `out`; either way only the lines up to the checkpoint's step are kept.
+    """
+
+    def __init__(self, path: Path, *, resumed_from: Path | None, step: int):
         self.path = path
         kept = []
-        if after_step and path.exists():  # resuming: drop what the interrupted run logged later
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= after_step]
+        if resumed_from is not None:
+            source = resumed_from / METRICS_NAME if (resumed_from / METRICS_NAME).exists() else path
+            if source.exists():
+                kept = [line for line in source.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in kept))
 
     def _append(self, record: dict) -> None:

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded.")
     result_backend: str | None = Field(None, description="Celery result backend; default: the broker.")
     artifacts_dir: Path | None = Field(None, description="Artifact store root; default data_dir/artifacts.")
+    dataset_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loramill" / "datasets",
+                                    description="Tokenized training datasets, cached by content; safe to delete.")
     admin_key: str | None = Field(None, description="Key that may register base models over HTTP.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.")
     max_rank: int = Field(256, description="Largest LoRA rank a job or uploaded adapter may use.")

@@ -24,7 +24,8 @@ import numpy as np
 
 from adapters.checkpoint import INDEX_NAME, read_checkpoint, read_config
 from adapters.fsutil import atomic_directory
-from adapters.peft_format import CONV1D_LEAVES, CONV1D_MODEL_TYPES, EMBEDDING_LEAVES
+from adapters.layouts import is_conv1d
+from adapters.peft_format import EMBEDDING_LEAVES
 from merge.manifest import MANIFEST_NAME, write_manifest
 from merge.tensorio import FLOAT_CODES, read_raw, to_float32
 from merge.writer import Entry, HashingFile, hash_file, header_bytes, order_for_alignment
@@ -60,11 +61,11 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
     src = Path(checkpoint_dir)
     tensors = read_checkpoint(src)
     config = read_config(src)
-    conv1d = config.get("model_type") in CONV1D_MODEL_TYPES
+    model_type = config.get("model_type")
 
     def input_axis(name: str) -> int:
         """The axis a weight's output channel reduces over: 0 for Conv1D ([d_in, d_out]), else 1."""
-        return 0 if conv1d and name.split(".")[-2] in CONV1D_LEAVES else 1
+        return 0 if is_conv1d(model_type, name.rsplit(".", 1)[0]) else 1
 
     quantized = [n for n, t in tensors.items() if _quantizable(n, t.shape, t.dtype)]
     entries = []

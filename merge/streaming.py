@@ -126,7 +126,7 @@ def _plan(base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[Lo
         for b in bound:
             tasks.setdefault(b.tensor, []).append(_Task(i, weights[i], lora=b))
         for tensor, info in adapter.saved_modules.items():
-            tasks.setdefault(tensor, []).append(_Task(i, weights[i], saved=info))
+            tasks.setdefault(base.key(tensor), []).append(_Task(i, weights[i], saved=info))
     untie = base.tied is not None and any(name in tasks for name in base.tied)
     outputs = []
     for name, info in sorted(base.tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].data_offset)):

@@ -46,10 +46,11 @@ def _targets(value: str) -> str | tuple[str, ...]:
 def train(**options) -> None:
     """Train a LoRA adapter on frozen base weights; writes a PEFT adapter to --out."""
     from adapters.training import TrainingConfig, train as run_training
+    from loramill.settings import get_settings
 
     options["targets"] = _targets(options["targets"])
     options["use_rslora"] = options.pop("rslora")
-    cfg = TrainingConfig(**options)
+    cfg = TrainingConfig(**options, cache_dir=str(get_settings().dataset_cache_dir))
     reporter = _TerminalProgress() if sys.stderr.isatty() else _LineProgress()
     try:
         result = run_training(cfg, progress=reporter)

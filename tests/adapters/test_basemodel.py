@@ -48,6 +48,7 @@ print(json.dumps({
     [
         pytest.param(dict(arch="llama", tie_embeddings=True, dtype="bfloat16"), id="llama-tied-bf16"),
         pytest.param(dict(arch="gpt2", tie_embeddings=False), id="gpt2-untied-f32"),
+        pytest.param(dict(arch="gpt_neox", tie_embeddings=False), id="gpt-neox-untied-f32"),
     ],
 )
 def test_loads_with_plain_transformers_in_a_clean_process(make_base, tmp_path, spec):
@@ -57,7 +58,8 @@ def test_loads_with_plain_transformers_in_a_clean_process(make_base, tmp_path, s
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["class"] == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[spec["arch"]]
+    assert got["class"] == {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel",
+                            "gpt_neox": "GPTNeoXForCausalLM"}[spec["arch"]]
     assert got["dtype"] == f"torch.{spec.get('dtype', 'float32')}"
     assert got["tied"] is spec["tie_embeddings"]
     assert got["prompt"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhéllo ✓<|im_end|>\n<|im_start|>assistant\n"
@@ -81,7 +83,7 @@ def test_tokenizer_is_byte_level_and_round_trips(llama_base):
     assert ids.count(258) == 3 and ids.count(257) == 3  # one <|im_start|>, one <|im_end|> per message
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_tied_head_really_shares_the_embedding(make_base, arch):
     tied = AutoModelForCausalLM.from_pretrained(make_base(arch=arch, tie_embeddings=True))
     assert tied.lm_head.weight is tied.get_input_embeddings().weight

@@ -68,16 +68,34 @@ def test_same_seed_same_adapter_other_seed_differs(cfg, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(cfg, tmp_path):
-    full = train(replace(cfg, save_every=4, dropout=0.1))
-    assert [p.name for p in full.checkpoints] == ["step-000004", "step-000008"]
-    resumed = train(replace(cfg, out=str(tmp_path / "resumed"), save_every=4, dropout=0.1,
-                            resume_from=str(full.checkpoints[0])))
-    assert resumed.steps == full.steps
-    a, b = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in resumed.metrics_path.read_text().splitlines()]
-    assert steps == list(range(5, full.steps + 1))
+def _records(metrics_path: Path) -> list[dict]:
+    """metrics.jsonl without its timing field (tokens_per_s differs between runs)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+            for line in metrics_path.read_text().splitlines()]
+
+
+def test_resume_into_a_fresh_out_equals_the_uninterrupted_run(cfg, small_data, tmp_path):
+    """As a retried job does: each attempt trains into its own directory and resumes from a
+    checkpoint of an earlier attempt, mid-epoch (step 3) or at an epoch's end (step 6 of 6)."""
+    run = replace(cfg, save_every=3, dropout=0.1, validation=str(small_data))
+    full = train(run)
+    assert [p.name for p in full.checkpoints] == ["step-000003", "step-000006", "step-000009"]
+    records = _records(full.metrics_path)
+    assert [r["step"] for r in records if "loss" not in r] == [6, 12]  # one evaluation record per epoch
+    assert _records(full.checkpoints[1] / "metrics.jsonl") == records[:7]  # steps 1-6 and epoch 1's evaluation
+
+    for checkpoint in full.checkpoints[:2]:
+        resumed = train(replace(run, out=str(tmp_path / f"attempt-{checkpoint.name}"), resume_from=str(checkpoint)))
+        assert resumed.steps == full.steps and resumed.val_loss == full.val_loss
+        a, b = _adapter(full.adapter_dir), _adapter(resumed.adapter_dir)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert _records(resumed.metrics_path) == records
+
+
+def test_resume_into_the_same_out_drops_what_the_interrupted_run_logged_later(cfg, tmp_path):
+    full = train(replace(cfg, save_every=4))
+    resumed = train(replace(cfg, save_every=4, resume_from=str(full.checkpoints[0])))
+    assert _records(resumed.metrics_path) == _records(full.metrics_path)
 
 
 def test_gradient_accumulation_matches_the_large_batch(cfg, tmp_path):
@@ -123,6 +141,19 @@ def test_gpt2_conv1d_and_rslora_train(make_base, small_data, tmp_path):
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["use_rslora"] and config["fan_in_fan_out"]
     assert any("c_attn" in k for k in _adapter(result.adapter_dir))
+
+
+def test_gpt_neox_head_trains_by_its_module_name(make_base, small_data, tmp_path):
+    """GPT-NeoX stores its head `lm_head` as `embed_out.weight`: the target is the module's name."""
+    from adapters.peft_format import validate_adapter
+
+    base = make_base(arch="gpt_neox")
+    result = train(TrainingConfig(base=str(base), data=str(small_data), out=str(tmp_path / "a"), rank=4,
+                                  targets=("query_key_value", "lm_head"), batch_size=8, max_steps=2, max_seq_len=128,
+                                  cache_dir=str(tmp_path / "cache")))
+    weights = _adapter(result.adapter_dir)
+    assert weights["base_model.model.lm_head.lora_B.weight"].abs().max() > 0  # trained from its zero init
+    assert "lm_head" in validate_adapter(result.adapter_dir, base, max_rank=8).loras
 
 
 def test_packed_training_sees_the_same_real_tokens_in_fewer_steps(cfg, tmp_path):

@@ -22,12 +22,24 @@ def _write(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def dataset_cache(tmp_path, monkeypatch) -> Path:
+    """`loramill train` caches tokenized datasets where the settings say (here: the test's own directory)."""
+    from loramill.settings import get_settings
+
+    cache = tmp_path / "dataset-cache"
+    monkeypatch.setenv("LORAMILL_DATASET_CACHE_DIR", str(cache))
+    get_settings.cache_clear()
+    yield cache
+    get_settings.cache_clear()
+
+
 @pytest.fixture
 def data(tmp_path) -> Path:
     return _write(tmp_path / "train.jsonl", [json.dumps(GOOD)] * 4)
 
 
-def test_train_writes_a_peft_adapter_and_metrics(llama_base, data, tmp_path):
+def test_train_writes_a_peft_adapter_and_metrics(llama_base, data, dataset_cache, tmp_path):
     out = tmp_path / "adapter"
     result = _run("train", "--base", str(llama_base), "--data", str(data), "--out", str(out),
                   "--rank", "2", "--batch-size", "2", "--max-seq-len", "64", "--targets", "q_proj,v_proj")
@@ -37,6 +49,7 @@ def test_train_writes_a_peft_adapter_and_metrics(llama_base, data, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert any(dataset_cache.iterdir())  # the tokenized dataset, cached where LORAMILL_DATASET_CACHE_DIR says
 
 
 def _bin_only_base(llama_base: Path, tmp_path: Path) -> Path:
