@@ -200,7 +200,8 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
 class LoraTrainer:
     """One training run: `run()` is the loop, `close()` strips the LoRA layers off the base."""
 
-    def __init__(self, cfg: TrainingConfig, progress: ProgressCallback | None, base_model):
+    def __init__(self, cfg: TrainingConfig, progress: ProgressCallback | None, base_model,
+                 should_stop: Callable[[], bool] | None = None):
         from transformers import AutoTokenizer
 
         from adapters.data import DataConfig, batches_per_epoch, tokenize_jsonl
@@ -208,6 +209,7 @@ class LoraTrainer:
         cfg.validate()
         self.cfg = cfg
         self.progress = progress
+        self.should_stop = should_stop or (lambda: False)
         self.out = Path(cfg.out)
         model_dir = resolve_model_dir(cfg.base)
         check_target_modules(model_dir, cfg.targets)
@@ -263,6 +265,9 @@ class LoraTrainer:
         while self.step < self.total_steps:
             group = list(itertools.islice(batches, cfg.grad_accum))  # the epoch's last group may be short
             loss = self._optimizer_step(group)
+            if loss is None:  # asked to stop inside the step
+                stopped = True
+                break
             self.step += 1
             self.micro_in_epoch += len(group)
             step_val = epoch_val = None
@@ -305,15 +310,28 @@ class LoraTrainer:
             hidden = self.backbone(**batch, use_cache=False).last_hidden_state
             return self.loss_fn(hidden, labels)
 
-    def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> float:
+    def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> float | None:
+        """One optimizer step over `group`'s micro-batches; its mean loss, or None when asked to stop first.
+
+        A loss that is not finite fails the run before the weights are touched: a learning rate or
+        alpha too large for the model would otherwise train on into NaN weights and "succeed".
+        """
         group = [{k: v.to(self.device) for k, v in b.items()} for b in group]
         n_tokens = sum(supervised_tokens(b["labels"]) for b in group)
-        total = 0.0
+        total, tokens = 0.0, 0
         for batch in group:
-            self.tokens_seen += real_tokens(batch, self.pad_id)
+            if self.should_stop():
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
+            tokens += real_tokens(batch, self.pad_id)
             loss_sum = self._forward_loss(batch)
             (loss_sum / max(1, n_tokens)).backward()
             total += loss_sum.item()
+        if not math.isfinite(total):
+            raise InputError(f"the training loss is {total} at step {self.step + 1}: the learning rate or LoRA alpha "
+                             "is too large for this model; nothing was saved", param="learning_rate_multiplier",
+                             code="training_diverged")
+        self.tokens_seen += tokens
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -449,13 +467,16 @@ class _MetricsLog:
         self._append({"step": step, "epoch": epoch, "val_loss": val_loss})
 
 
-def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None) -> TrainingResult:
+def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None,
+          should_stop: Callable[[], bool] | None = None) -> TrainingResult:
     """Train a LoRA adapter on `cfg.data` and write it to `cfg.out` in PEFT's layout.
 
     `base_model`: an already loaded model to reuse (a worker's cache); it is returned to its
-    original state (LoRA layers removed) before this returns.
+    original state (LoRA layers removed) before this returns. `should_stop()`: asked between
+    micro-batches, so a long optimizer step (many accumulated micro-batches) stops within one
+    micro-batch; the unfinished step is dropped, as when `progress` asks to stop.
     """
-    trainer = LoraTrainer(cfg, progress, base_model)
+    trainer = LoraTrainer(cfg, progress, base_model, should_stop)
     try:
         return trainer.run()
     finally:

@@ -21,8 +21,7 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded.")
     result_backend: str | None = Field(None, description="Celery result backend; default: the broker.")
     artifacts_dir: Path | None = Field(None, description="Artifact store root; default data_dir/artifacts.")
-    dataset_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loramill" / "datasets",
-                                    description="Tokenized training datasets, cached by content; safe to delete.")
+    dataset_cache_dir: Path | None = Field(None, description="Tokenized datasets, by content hash; default data_dir/cache/datasets.")
     admin_key: str | None = Field(None, description="Key that may register base models over HTTP.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload.")
     max_rank: int = Field(256, description="Largest LoRA rank a job or uploaded adapter may use.")
@@ -45,6 +44,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'loramill.db').resolve()}"
+
+    @property
+    def resolved_dataset_cache_dir(self) -> Path:
+        return (self.dataset_cache_dir or self.data_dir / "cache" / "datasets").resolve()
 
     @property
     def resolved_artifacts_dir(self) -> Path:

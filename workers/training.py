@@ -21,6 +21,7 @@ from sqlalchemy import delete, select
 
 from adapters.errors import InputError
 from adapters.peft_format import ADAPTER_FILES, CONFIG_NAME
+from adapters.training import METRICS_NAME
 from jobs import lifecycle
 from jobs.artifacts import attempt_key, file_digest, job_key
 from jobs.ids import new_id
@@ -29,8 +30,6 @@ from jobs.store import now
 from jobs.tables import AdapterRow, BaseModelRow, CheckpointRow, FileRow, JobEventRow, JobRow, Tenant
 from workers.context import WorkerContext
 from workers.model_cache import base_models
-
-METRICS_FILE = "metrics.jsonl"  # what `adapters.training` writes into its output directory
 
 
 def run_training_job(ctx: WorkerContext, job_id: str) -> str:
@@ -125,13 +124,28 @@ def _train(ctx: WorkerContext, lease: Lease) -> None:
     _start(ctx, lease, inputs)
     attempt = attempt_key(inputs.job.tenant_id, inputs.job.id, lease.attempt)
     recorder = ProgressRecorder(lease, attempt)
-    result = train(training_config(ctx, inputs, attempt), progress=recorder, base_model=base_models.get(inputs.base_path))
+    result = train(training_config(ctx, inputs, attempt), progress=recorder, base_model=base_models.get(inputs.base_path),
+                   should_stop=_stop_check(lease))
     recorder.flush()
     if result.stopped:
         if lease.lost:
             raise LeaseLost(f"fine-tuning job {lease.job_id} stopped: lease lost")
         raise Cancelled(f"Fine-tuning job cancelled at step {result.steps}", trained_tokens=result.trained_tokens)
     _succeed(ctx, lease, inputs, attempt, result)
+
+
+def _stop_check(lease: Lease, every_s: float = 1.0):
+    """Asked between micro-batches: renews the lease (so a cancel is seen) at most every `every_s`."""
+    renewed = time.monotonic()
+
+    def should_stop() -> bool:
+        nonlocal renewed
+        if time.monotonic() - renewed >= every_s:
+            renewed = time.monotonic()
+            lease.renew()
+        return lease.should_stop
+
+    return should_stop
 
 
 def _succeed(ctx: WorkerContext, lease: Lease, inputs: _Inputs, attempt: str, result) -> None:
@@ -149,9 +163,9 @@ def _succeed(ctx: WorkerContext, lease: Lease, inputs: _Inputs, attempt: str, re
                    target_modules=sorted(targets) if isinstance(targets, list) else [targets],
                    bytes=sum(f["bytes"] for f in files), files=files, job_id=job.id, fine_tuned_model=name,
                    storage_key=adapter_key, created_at=now()),
-        FileRow(id=file_id, tenant_id=job.tenant_id, filename=f"{job.id}-{METRICS_FILE}", purpose="fine-tune-results",
+        FileRow(id=file_id, tenant_id=job.tenant_id, filename=f"{job.id}-{METRICS_NAME}", purpose="fine-tune-results",
                 bytes=metrics["bytes"], sha256=metrics["sha256"], records=None,
-                storage_key=f"{attempt}/{METRICS_FILE}", created_at=now()),
+                storage_key=f"{attempt}/{METRICS_NAME}", created_at=now()),
     ]
     final = {"step": result.steps, "train_loss": result.final_loss}
     if result.val_loss is not None:
@@ -183,6 +197,6 @@ def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
         max_seq_len=hp["max_seq_len"], packing=hp["packing"], seed=job.seed, save_every=hp["checkpoint_every"],
         max_rank=ctx.settings.max_rank,
         resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
-        cache_dir=str(ctx.settings.data_dir.resolve() / "cache" / "datasets"),
+        cache_dir=str(ctx.settings.resolved_dataset_cache_dir),
     )
 

@@ -50,7 +50,7 @@ def train(**options) -> None:
 
     options["targets"] = _targets(options["targets"])
     options["use_rslora"] = options.pop("rslora")
-    cfg = TrainingConfig(**options, cache_dir=str(get_settings().dataset_cache_dir))
+    cfg = TrainingConfig(**options, cache_dir=str(get_settings().resolved_dataset_cache_dir))
     reporter = _TerminalProgress() if sys.stderr.isatty() else _LineProgress()
     try:
         result = run_training(cfg, progress=reporter)

@@ -190,3 +190,21 @@ def test_fewer_batches_than_one_accumulation_group_still_train(cfg, tmp_path):
     one.write_text(SAMPLE.read_text().splitlines(keepends=True)[0])
     result = train(replace(cfg, data=str(one), grad_accum=4, epochs=1))
     assert result.steps == 1 and result.final_loss > 0 and result.adapter_dir is not None
+
+
+def test_a_loss_that_is_not_finite_fails_the_run_before_it_saves_anything(cfg, tmp_path):
+    with pytest.raises(InputError, match="too large for this model") as failed:
+        train(replace(cfg, lr=1e30, epochs=3))
+    assert failed.value.code == "training_diverged"
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_stop_asked_between_micro_batches_drops_the_unfinished_step(cfg):
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) == 6  # the second micro-batch of the second step (grad_accum 4)
+
+    result = train(replace(cfg, batch_size=1, grad_accum=4), should_stop=should_stop)
+    assert result.stopped and result.steps == 1 and result.adapter_dir is None

@@ -1,1 +1,1 @@
-from tests.service.conftest import api  # noqa: F401 — the same in-process app fixture
+from tests.service.conftest import api, make_api  # noqa: F401 — the same in-process app fixtures
