@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
 
@@ -93,3 +94,31 @@ def adapter_by_ref(session: Session, ref: str, tenant_id: str, param: str) -> Ad
         raise NotFound.of("adapter", ref, param)
     return row
 
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a request's `model` names: a base model, or a tenant's adapter on it (`adapter` None for the base)."""
+
+    name: str  # as the caller wrote it
+    base: str
+    base_path: str
+    adapter: AdapterRow | None
+
+
+def resolve_model(session: Session, tenant_id: str, name: str) -> ModelRef:
+    """A base model's name, or one of the tenant's fine-tuned model names or adapter ids.
+
+    Another tenant's model is `NotFound` (`model_not_found`) exactly like an unknown one.
+    """
+    base = None if name.startswith("ft:") else session.get(BaseModelRow, name)
+    if base is not None:
+        return ModelRef(name, base.name, base.path, None)
+    owned = select(AdapterRow).where(AdapterRow.tenant_id == tenant_id)
+    adapter = session.scalar(owned.where(AdapterRow.fine_tuned_model == name if name.startswith("ft:")
+                                         else AdapterRow.id == name))
+    base = session.get(BaseModelRow, adapter.base_model) if adapter is not None else None
+    if base is None:
+        raise NotFound(f"The model {name!r} does not exist or you do not have access to it", param="model",
+                       code="model_not_found")
+    return ModelRef(name, base.name, base.path, adapter)

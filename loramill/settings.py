@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(8, ge=0, description="Fine-tuning jobs and merges a tenant may have queued or running.")
     max_stored_bytes: int = Field(50 * 1024**3, ge=0, description="Bytes of files, adapters and merges a tenant may store.")
     idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="How long an Idempotency-Key's first answer is kept.")
+    # Inference (the control plane's side; the engines' own knobs are LORAMILL_ENGINE_*).
+    engine_urls: dict[str, str] = Field(default_factory=dict, description='Engine per base model, JSON: {"base": "http://host:port"}.')
+    embedded_engines: bool = Field(True, description="Start an engine per base model on first use when none is configured.")
+    engine_start_timeout_s: float = Field(300.0, gt=0, description="How long an embedded engine may take to load its model.")
+    engine_timeout_s: float = Field(600.0, gt=0, description="Longest wait for an engine's next bytes.")
+    max_generation_tokens: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for.")
+    max_concurrent_generations: int = Field(16, ge=0, description="Generations a tenant may run at once, per API process.")
     host: str = "127.0.0.1"
     port: int = 8000
 

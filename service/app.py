@@ -20,11 +20,13 @@ from jobs.queue import JobQueue
 from jobs.reconciler import Reconciler
 from loramill.settings import Settings, get_settings
 from service.deps import Services
+from service.embedded import EmbeddedEngines, child_env
+from service.engines import Engines, Generations
 from service.errors import install_handlers
 from service.gate import Gate
 from service.idempotency import Idempotency
 from service.metrics import TimingMiddleware, metrics_registry
-from service.routers import adapters, files, fine_tuning, health, merges, models
+from service.routers import adapters, files, fine_tuning, health, inference, merges, models
 from service.tenant_cache import TenantCache
 
 
@@ -33,8 +35,12 @@ def build_services(settings: Settings) -> Services:
     migrate(url)
     artifacts = LocalArtifactStore(settings.resolved_artifacts_dir)
     artifacts.empty_trash()  # what deletions interrupted by a crash left aside
+    embedded = EmbeddedEngines(settings.data_dir, child_env(settings.data_dir),
+                               start_timeout_s=settings.engine_start_timeout_s) if settings.embedded_engines else None
+    engines = Engines(settings.engine_urls, embedded, timeout_s=settings.engine_timeout_s)
     return Services(settings=settings, db=database(url), artifacts=artifacts, queue=JobQueue(settings),
-                    tenants=TenantCache(settings.tenant_cache_ttl_s))
+                    tenants=TenantCache(settings.tenant_cache_ttl_s), engines=engines,
+                    generations=Generations(settings.max_concurrent_generations))
 
 
 def reconciler_for(services: Services) -> Reconciler:
@@ -62,6 +68,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         reconciler.stop()
+        await services.engines.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +80,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Gate, services=app.state.services)
     app.add_middleware(TimingMiddleware, histogram=http)
     install_handlers(app)
-    for module in (files, fine_tuning, adapters, merges, models, health):
+    for module in (files, fine_tuning, adapters, merges, models, inference, health):
         app.include_router(module.router)
     return app

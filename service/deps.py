@@ -20,6 +20,7 @@ from jobs.db import Database
 from jobs.queue import JobQueue
 from jobs.tenants import TenantRef
 from loramill.settings import Settings
+from service.engines import Engines, Generations
 from service.errors import APIError
 from service.tenant_cache import TenantCache
 
@@ -33,6 +34,8 @@ class Services:
     artifacts: ArtifactStore
     queue: JobQueue
     tenants: TenantCache
+    engines: Engines
+    generations: Generations
     # readiness checks beyond the database and the broker, by name: raise when not ready (`serve` adds "worker")
     probes: dict[str, Callable[[], None]] = field(default_factory=dict)
 

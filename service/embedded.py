@@ -3,8 +3,8 @@
 - **One per data dir** (`hold_embedded_lock`): a second `serve` on the same data directory is
   refused, since its worker would compete for the same filesystem queue.
 - **Dies with serve**: the worker asks the kernel to kill it when its parent dies
-  (`loramill worker --parent-pid`, a parent-death signal), so a `kill -9` of `serve` leaves no
-  orphan training on.
+  (`loramill --parent-pid`, a parent-death signal), so a `kill -9` of `serve` leaves no orphan
+  training on. Engines started here (`EmbeddedEngines`) do the same.
 - **Brought back when it dies** (`EmbeddedWorker`): a supervisor thread waits on the process;
   when it exits unexpectedly, every running job's lease is expired (it was the only worker),
   the reconciler queues those jobs again, and a new worker starts (after a back-off that grows
@@ -43,9 +43,9 @@ def hold_embedded_lock(data_dir: Path):
     return handle
 
 
-def worker_command(queues: str, *extra: str) -> list[str]:
-    return [sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues", queues,
-            "--pool", "solo", "--concurrency", "1", *extra]
+def child_command(*args: str) -> list[str]:
+    """A `loramill` command line for a child of this process that dies with it."""
+    return [sys.executable, "-c", "from loramill.cli import main; main()", "--parent-pid", str(os.getpid()), *args]
 
 
 class EmbeddedWorker:
@@ -66,8 +66,9 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         self.ready_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(worker_command("train,merge", "--parent-pid", str(os.getpid()), "--ready-file",
-                                                       str(self.ready_file)), env=self.env)
+        self.process = subprocess.Popen(child_command("worker", "--queues", "train,merge", "--pool", "solo",
+                                                      "--concurrency", "1", "--ready-file", str(self.ready_file)),
+                                        env=self.env)
         log.warning("embedded worker pid %d on %s", self.process.pid, self.data_dir / "broker")
 
     def _supervise(self) -> None:
@@ -111,5 +112,72 @@ class EmbeddedWorker:
             self._thread.join(timeout=5)
 
 
-def worker_env(data_dir: Path) -> dict[str, str]:
+def child_env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, "LORAMILL_DATA_DIR": str(data_dir.resolve())}
+
+
+class EmbeddedEngines:
+    """Engine processes this API starts itself, one per base model, on first use (`loramill engine`).
+
+    The embedded default for serving: no engine to start and nothing to configure. Each engine
+    listens on a free loopback port, logs to `<data_dir>/engine-<base>.log`, dies with this process,
+    and is started again on the next request for its base if it died. It stays up while the API runs.
+    """
+
+    def __init__(self, data_dir: Path, env: dict[str, str], *, start_timeout_s: float):
+        self.data_dir, self.env, self.start_timeout_s = data_dir.resolve(), env, start_timeout_s
+        self.processes: dict[str, tuple[subprocess.Popen, str]] = {}
+        self._lock = threading.Lock()
+
+    async def launch(self, base: str, path: str) -> str:
+        import asyncio
+
+        return await asyncio.to_thread(self._start, base, path)
+
+    def _start(self, base: str, path: str) -> str:
+        with self._lock:
+            running = self.processes.get(base)
+            if running is not None and running[0].poll() is None:
+                return running[1]
+            log_file = open(self.data_dir / f"engine-{base}.log", "ab")  # noqa: SIM115 — the child keeps it
+            process = subprocess.Popen(child_command("engine", "--base", path, "--served-model-name", base,
+                                                     "--host", "127.0.0.1", "--port", "0"),
+                                       env=self.env, stdout=subprocess.PIPE, stderr=log_file, text=True)
+            log_file.close()
+            url = self._wait_ready(process, base)
+            self.processes[base] = (process, url)
+            return url
+
+    def _wait_ready(self, process: subprocess.Popen, base: str) -> str:
+        """The engine's URL from its `loramill engine ready on http://…` line (its stdout), or 503."""
+        from jobs.errors import Unavailable
+
+        found: list[str] = []
+
+        def read() -> None:
+            for line in process.stdout:
+                if " ready on " in line and not found:
+                    found.append(line.split(" ready on ", 1)[1].split()[0])
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not found and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not found:
+            process.kill()
+            raise Unavailable(f"The inference engine for {base!r} did not start; see engine-{base}.log in the data "
+                              "directory", code="engine_unavailable")
+        log.warning("embedded engine for %s: pid %d on %s", base, process.pid, found[0])
+        return found[0]
+
+    def stop(self) -> None:
+        with self._lock:
+            for process, _ in self.processes.values():
+                process.terminate()
+            for process, _ in self.processes.values():
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+            self.processes.clear()

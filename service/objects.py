@@ -53,6 +53,11 @@ def base_model_object(row: BaseModelRow) -> dict[str, Any]:
     return model_object(row.name, row.created_at, "system")
 
 
+def adapter_model_object(row: AdapterRow) -> dict[str, Any]:
+    """An adapter as a model the tenant can ask: named by its fine-tuned model name, or its id if uploaded."""
+    return {**model_object(row.fine_tuned_model or row.id, row.created_at, row.tenant_id), "parent": row.base_model}
+
+
 def adapter_object(row: AdapterRow) -> dict[str, Any]:
     return {"id": row.id, "object": "adapter", "name": row.name, "base_model": row.base_model, "rank": row.rank,
             "target_modules": row.target_modules, "bytes": row.bytes, "created_at": row.created_at,

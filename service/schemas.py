@@ -150,3 +150,51 @@ class MergeCreate(Body):
     drop_rate: ranged(float, 0, 1, high_open=True) | None = None
     rank: ranged(int, 1) | None = None
     seed: ranged(int, 0, 2**31 - 1) = 0
+
+
+# -- inference: the OpenAI fields the engines honour (vLLM's `top_k` and `ignore_eos` too); others are refused
+
+StopSequences = Annotated[StrictStr, Field(min_length=1, max_length=256)] | Annotated[
+    list[Annotated[StrictStr, Field(min_length=1, max_length=256)]], Field(max_length=4)]
+
+
+class StreamOptions(Body):
+    include_usage: StrictBool = False
+
+
+class Sampling(Body):
+    model: Annotated[StrictStr, Field(min_length=1, max_length=255)]
+    temperature: ranged(float, 0, 2) | None = None
+    top_p: ranged(float, 0, 1, low_open=True) | None = None
+    top_k: ranged(int, -1, 100_000) | None = None
+    n: ranged(int, 1, 1) | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    stop: StopSequences | None = None
+    presence_penalty: ranged(float, -2, 2) | None = None
+    frequency_penalty: ranged(float, -2, 2) | None = None
+    seed: ranged(int, -(2**63), 2**63 - 1) | None = None
+    user: Annotated[StrictStr, Field(max_length=256)] | None = None  # the engine is told the tenant instead
+    ignore_eos: StrictBool = False
+
+
+class CompletionCreate(Sampling):
+    prompt: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                                                                  Field(min_length=1, max_length=1)]
+    max_tokens: ranged(int, 1) | None = 16
+    logprobs: ranged(int, 0, 20) | None = None
+    echo: StrictBool = False
+
+
+class ChatMessage(Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: StrictStr | list[dict[StrictStr, StrictStr]] | None = None
+    name: Annotated[StrictStr, Field(max_length=64)] | None = None
+
+
+class ChatCompletionCreate(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: ranged(int, 1) | None = None
+    max_completion_tokens: ranged(int, 1) | None = None
+    logprobs: StrictBool = False
+    top_logprobs: ranged(int, 0, 20) | None = None

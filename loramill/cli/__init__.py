@@ -25,8 +25,27 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+def _die_with_parent(_ctx: click.Context, _param: click.Parameter, parent_pid: int | None) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`); exit if it already has.
+
+    What `loramill serve` starts (its worker, its engines) must not outlive it.
+    """
+    if parent_pid is None:
+        return
+    import ctypes
+    import os
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        sys.exit(1)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="loramill")
+@click.option("--parent-pid", type=int, default=None, expose_value=False, callback=_die_with_parent, hidden=True,
+              help="Exit when this process (the parent) dies.")
 def main() -> None:
     """LoRA adapter fine-tuning, merging and multi-adapter serving."""
 

@@ -9,7 +9,6 @@ and workers are started with `loramill worker --queues train` (GPU machines) / `
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -38,7 +37,7 @@ def serve(host: str | None, port: int | None) -> None:
     app = create_app(settings)  # migrates the job store before any worker starts
     embedded = None
     if not settings.broker_url:
-        from service.embedded import EmbeddedWorker, hold_embedded_lock, worker_env
+        from service.embedded import EmbeddedWorker, hold_embedded_lock, child_env
 
         lock = hold_embedded_lock(settings.data_dir)  # noqa: F841 — held until the process exits
         services = app.state.services
@@ -46,7 +45,7 @@ def serve(host: str | None, port: int | None) -> None:
         reconciler.expire_all_leases()  # the lock is ours, and a worker dies with its serve: nobody runs them
         for job_id in reconciler.run_once():
             click.echo(f"re-enqueued {job_id}: it was running when the last embedded worker stopped", err=True)
-        embedded = EmbeddedWorker(settings.data_dir, reconciler, worker_env(settings.data_dir))
+        embedded = EmbeddedWorker(settings.data_dir, reconciler, child_env(settings.data_dir))
         services.probes["worker"] = embedded.probe
         embedded.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
@@ -57,14 +56,6 @@ def serve(host: str | None, port: int | None) -> None:
     finally:
         if embedded is not None:
             embedded.stop()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux `PR_SET_PDEATHSIG`); exit if it already has."""
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        sys.exit(1)
 
 
 def _write_ready_file(path: str) -> None:
@@ -83,13 +74,12 @@ def _write_ready_file(path: str) -> None:
 @click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork", show_default=True)
 @click.option("--concurrency", type=int, default=1, show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
-@click.option("--parent-pid", type=int, default=None, help="Exit when this process (the parent) dies.")
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write the worker's pid here once it consumes.")
 @click.option("--node-name", default=None, metavar="NAME@%h",
               help="Celery node name (what `celery inspect ping -d` names). Default: loramill-<queues>-<pid>@%h.")
-def worker(queues: str, pool: str, concurrency: int, loglevel: str, parent_pid: int | None,
-           ready_file: str | None, node_name: str | None) -> None:
+def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: str | None,
+           node_name: str | None) -> None:
     """Run a Celery worker for the configured broker (embedded filesystem transport when none)."""
     from adapters.errors import InputError
     from jobs.db import database, migrate
@@ -97,8 +87,6 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, parent_pid: 
     from loramill.settings import get_settings
     from workers.celery_app import app
 
-    if parent_pid is not None:
-        _die_with_parent(parent_pid)
     names = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in names if q not in QUEUES]
     if unknown or not names:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
@@ -123,7 +123,8 @@ def download_adapter(adapter_id: str, services: ServicesDep, session: SessionDep
 
 
 @router.delete("/{adapter_id}")
-def delete_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
+def delete_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep,
+                   background: BackgroundTasks) -> dict:
     row = get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id")
     for merge in session.scalars(select(MergeRow).where(MergeRow.tenant_id == tenant.id, MergeRow.status.not_in(FINISHED))):
         if any(a["adapter_id"] == adapter_id for a in merge.request["adapters"]):
@@ -131,4 +132,5 @@ def delete_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, 
     with services.artifacts.removing(row.storage_key):  # the files go first; put back if the row cannot go
         session.delete(row)
         session.commit()
+    background.add_task(services.engines.unload, row.base_model, adapter_id)  # its engine memory, after the answer
     return {"id": adapter_id, "object": "adapter", "deleted": True}

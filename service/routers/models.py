@@ -1,4 +1,4 @@
-"""`/v1/models`: the registered base models and the tenant's fine-tuned models; admin registration."""
+"""`/v1/models`: what the caller can ask (base models, its fine-tuned models and adapters); admin registration."""
 
 from __future__ import annotations
 
@@ -7,38 +7,34 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from jobs.base_models import register_base_model
-from jobs.errors import NotFound
+from jobs.store import resolve_model
 from jobs.tables import AdapterRow, BaseModelRow
 from service.deps import AdminDep, SessionDep, TenantDep
-from service.objects import base_model_object, listing, model_object
+from service.objects import adapter_model_object, base_model_object, listing
 from service.schemas import ModelCreate
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _fine_tuned(session, tenant_id: str, name: str | None = None):
-    query = select(AdapterRow).where(AdapterRow.tenant_id == tenant_id, AdapterRow.fine_tuned_model.is_not(None))
-    if name is not None:
-        query = query.where(AdapterRow.fine_tuned_model == name)
-    return session.scalars(query.order_by(AdapterRow.seq))
+def _adapter_models(session, tenant_id: str) -> list[dict]:
+    """Each of the tenant's adapters as a model: its fine-tuned model name if a job made it, else its id."""
+    rows = session.scalars(select(AdapterRow).where(AdapterRow.tenant_id == tenant_id).order_by(AdapterRow.seq))
+    return [adapter_model_object(row) for row in rows]
 
 
 @router.get("")
 def list_models(session: SessionDep, tenant: TenantDep) -> dict:
+    """Every model the caller can ask: the base models, then its fine-tuned models and uploaded adapters."""
     bases = [base_model_object(r) for r in session.scalars(select(BaseModelRow).order_by(BaseModelRow.created_at))]
-    tuned = [model_object(a.fine_tuned_model, a.created_at, tenant.name) for a in _fine_tuned(session, tenant.id)]
-    return listing(bases + tuned)
+    return listing(bases + _adapter_models(session, tenant.id))
 
 
 @router.get("/{model:path}")
 def retrieve_model(model: str, session: SessionDep, tenant: TenantDep) -> dict:
-    row = session.get(BaseModelRow, model)
-    if row is not None:
-        return base_model_object(row)
-    adapter = _fine_tuned(session, tenant.id, model).first()
-    if adapter is None:
-        raise NotFound.of("model", model, "model")
-    return model_object(adapter.fine_tuned_model, adapter.created_at, tenant.name)
+    ref = resolve_model(session, tenant.id, model)
+    if ref.adapter is None:
+        return base_model_object(session.get(BaseModelRow, ref.base))
+    return adapter_model_object(ref.adapter)
 
 
 @router.post("")
