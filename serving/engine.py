@@ -402,16 +402,18 @@ class AsyncEngine:
             self.engine.drop_adapter(ref)
         self._locks.pop(name, None)
 
-    async def generate(self, prompt: list[int], params: SamplingParams, adapter: AdapterRef | None,
-                       user: str | None) -> AsyncIterator[Delta]:
-        """Run one request; yields a `Delta` per step until one has a `finish_reason`.
-
-        Closing the iterator early (a client that went away) aborts the request and frees its row.
-        """
+    def generate(self, prompt: list[int], params: SamplingParams, adapter: AdapterRef | None,
+                 user: str | None) -> AsyncIterator[Delta]:
+        """Check a request now (raising `InputError`), then return its stream: a `Delta` per step until one
+        has a `finish_reason`. Closing the stream early (a client that went away) aborts the request."""
         self.engine.check(prompt, params)
+        return self._stream(prompt, params, adapter, user or "")
+
+    async def _stream(self, prompt: list[int], params: SamplingParams, adapter: AdapterRef | None,
+                      user: str) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
-        seq = Sequence(f"req-{next(self._requests)}", prompt, params, adapter, user or "",
+        seq = Sequence(f"req-{next(self._requests)}", prompt, params, adapter, user,
                        lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d), self.engine.tokenizer)
         self.engine.submit(seq)
         done = False
