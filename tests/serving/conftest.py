@@ -75,3 +75,29 @@ def assert_greedy_agrees(ours: list[int], reference: list[int], ref_logits, labe
     top2 = ref_logits(reference[:i]).topk(2).values
     gap = float(top2[0] - top2[1])
     assert gap < tol, f"{label}: tokens diverge at {i} where the reference's top-2 gap is {gap:.2e} (>= {tol})"
+
+
+def submit(engine, prompt: list[int], params, adapter=None, user: str = "", request_id: str | None = None) -> list:
+    """Queue a request on an in-process engine; returns the list its `Delta`s are appended to."""
+    from serving.engine import Sequence
+
+    deltas: list = []
+    engine.submit(Sequence(request_id or f"r{id(deltas)}", prompt, params, adapter, user, deltas.append,
+                           engine.tokenizer))
+    return deltas
+
+
+def tokens_of(deltas: list) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def register(engine, base, paths: list) -> list:
+    """Load adapters into an in-process engine as `/v1/load_lora_adapter` would; returns their refs."""
+    from serving.adapter_cache import AdapterRef
+
+    refs = []
+    for i, path in enumerate(paths, start=1):
+        ref = AdapterRef(i, f"adapter-{i}", Path(path))
+        engine.put_adapter(ref, engine.read_adapter(ref))
+        refs.append(ref)
+    return refs
