@@ -12,6 +12,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.config import EngineConfig
+
+_ENGINE = EngineConfig()
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAMILL_", extra="ignore")
@@ -47,6 +51,20 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(16, ge=0, description="Generations a tenant may run at once, per API process.")
     host: str = "127.0.0.1"
     port: int = 8000
+    # `loramill engine` (serving.config.EngineConfig holds the defaults and their meaning)
+    engine_port: int = Field(8100, description="Port of `loramill engine` when --port is not given.")
+    engine_max_loras: int = Field(_ENGINE.max_loras, description="Adapter slots on the device.")
+    engine_max_cpu_loras: int = Field(_ENGINE.max_cpu_loras, description="Adapters kept converted in host memory.")
+    engine_max_lora_rank: int = Field(_ENGINE.max_lora_rank, description="Largest adapter rank the engine serves.")
+    engine_max_num_seqs: int = Field(_ENGINE.max_num_seqs, description="Requests decoded together (KV rows).")
+    engine_max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, description="Tokens per forward pass.")
+    engine_max_model_len: int | None = Field(_ENGINE.max_model_len, description="Context length; default: the base's.")
+    engine_max_waiting: int = Field(_ENGINE.max_waiting, description="Waiting requests before the engine answers 503.")
+    engine_max_saved_module_bytes: int = Field(_ENGINE.max_saved_module_bytes,
+                                               description="Memory for adapters' modules_to_save copies, all slots.")
+    engine_dtype: str = Field(_ENGINE.dtype, description="auto | float32 | bfloat16 | float16.")
+    engine_device: str | None = Field(_ENGINE.device, description="cuda, cuda:1, cpu; default: cuda if present.")
+    engine_threads: int | None = Field(_ENGINE.threads, description="Torch CPU threads; default: torch's.")
 
     @property
     def resolved_database_url(self) -> str:

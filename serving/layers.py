@@ -1,0 +1,134 @@
+"""Layers whose tokens each carry an adapter slot: `Projection` (linear) and `Embedding`.
+
+Both keep the base weight untouched and hold, per slot, the adapter's LoRA factors (see `serving.lora`
+for the stacked layout) and optionally a full per-slot copy of the module (`modules_to_save`).
+`set_slot` / `clear_slot` are called between steps by the adapter cache; `forward` by the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from serving.lora import LoraBatch, add_embedding_lora, lora_kernel
+
+
+class Projection:
+    """P outputs sharing one input: `y = x Wᵀ + b`, split into parts (q|k|v), each with batched LoRA.
+
+    `weight_t` [d_in, Σ d_out_p] is `Wᵀ`, stored row-major (GPT-2's Conv1D layout). `parts` names the
+    module each output is in the checkpoint (`model.layers.0.self_attn.q_proj`) and its width.
+    The LoRA stacks of the head are allocated when an adapter first targets it (its width is the
+    vocabulary); those of the layers up front.
+    """
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, parts: list[tuple[str, int]], *,
+                 slots: int, rank: int, allocate: bool = True):
+        self.weight_t, self.bias = weight_t, bias
+        self.names = [name for name, _ in parts]
+        self.sizes = [size for _, size in parts]
+        self.slots, self.rank = slots, rank
+        self.kernel = lora_kernel(weight_t.device)
+        self.a_t: torch.Tensor | None = None
+        self.b_ts: list[torch.Tensor] = []
+        self.lora_slots: set[int] = set()  # slots holding LoRA factors for this projection
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # slot -> (weight_t, bias) copy
+        if allocate:
+            self._allocate()
+
+    @property
+    def d_in(self) -> int:
+        return self.weight_t.shape[0]
+
+    def _allocate(self) -> None:
+        like = dict(dtype=self.weight_t.dtype, device=self.weight_t.device)
+        self.a_t = torch.zeros(self.d_in, self.slots * len(self.sizes) * self.rank, **like)
+        self.b_ts = [torch.zeros(self.slots * self.rank, size, **like) for size in self.sizes]
+
+    def set_slot(self, slot: int, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write slot `slot`: `factors[p] = (A [r, d_in], sB [d_out_p, r])` for the parts it targets."""
+        self.clear_slot(slot)
+        if not factors:
+            return
+        if self.a_t is None:
+            self._allocate()
+        r, width = self.rank, len(self.sizes) * self.rank
+        for p, (a, b) in factors.items():
+            rank = a.shape[0]
+            col = slot * width + p * r
+            self.a_t[:, col:col + rank].copy_(a.t())
+            self.b_ts[p][slot * r:slot * r + rank].copy_(b.t())
+        self.lora_slots.add(slot)
+
+    def set_saved(self, slot: int, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """A full copy of this (single-part) module for `slot`, replacing the base for its tokens."""
+        self.clear_slot(slot)
+        self.saved[slot] = (weight_t, bias)
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.lora_slots:
+            r, width = self.rank, len(self.sizes) * self.rank
+            self.a_t[:, slot * width:(slot + 1) * width].zero_()
+            for b_t in self.b_ts:
+                b_t[slot * r:(slot + 1) * r].zero_()
+            self.lora_slots.discard(slot)
+        self.saved.pop(slot, None)
+
+    def __call__(self, x: torch.Tensor, batch: LoraBatch) -> list[torch.Tensor]:
+        """x [T, d_in] -> one [T, d_out_p] tensor per part."""
+        y = torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        ys = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
+        if self.lora_slots and batch.active:
+            self.kernel(ys, x, self.a_t, self.b_ts, batch, self.rank)
+        for slot, (weight_t, bias) in self.saved.items():
+            rows = (batch.slots == slot).nonzero().squeeze(1)
+            if len(rows):
+                xs = x[rows]
+                y[rows] = torch.mm(xs, weight_t) if bias is None else torch.addmm(bias, xs, weight_t)
+        return ys
+
+
+class Embedding:
+    """Token embedding `x = E[token]` with per-slot LoRA (`A` gathered per token) and saved copies."""
+
+    def __init__(self, weight: torch.Tensor, name: str, *, slots: int, rank: int):
+        self.weight, self.name = weight, name
+        self.slots, self.rank = slots, rank
+        self.a_emb: torch.Tensor | None = None  # [S, V, r]: each slot's Aᵀ
+        self.b_t: torch.Tensor | None = None  # [S·r, d]
+        self.lora_slots: set[int] = set()
+        self.saved: dict[int, torch.Tensor] = {}
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        """A [r, V] (PEFT's lora_embedding_A), sB [d, r]."""
+        self.clear_slot(slot)
+        if self.a_emb is None:
+            like = dict(dtype=self.weight.dtype, device=self.weight.device)
+            vocab, dim = self.weight.shape
+            self.a_emb = torch.zeros(self.slots, vocab, self.rank, **like)
+            self.b_t = torch.zeros(self.slots * self.rank, dim, **like)
+        rank = a.shape[0]
+        self.a_emb[slot, :, :rank].copy_(a.t())
+        self.b_t[slot * self.rank:slot * self.rank + rank].copy_(b.t())
+        self.lora_slots.add(slot)
+
+    def set_saved(self, slot: int, weight: torch.Tensor) -> None:
+        self.clear_slot(slot)
+        self.saved[slot] = weight
+
+    def clear_slot(self, slot: int) -> None:
+        if slot in self.lora_slots:
+            self.a_emb[slot].zero_()
+            self.b_t[slot * self.rank:(slot + 1) * self.rank].zero_()
+            self.lora_slots.discard(slot)
+        self.saved.pop(slot, None)
+
+    def __call__(self, tokens: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        x = F.embedding(tokens, self.weight)
+        if self.lora_slots and batch.active:
+            add_embedding_lora(x, tokens, self.a_emb, self.b_t, batch, self.rank)
+        for slot, weight in self.saved.items():
+            rows = (batch.slots == slot).nonzero().squeeze(1)
+            if len(rows):
+                x[rows] = F.embedding(tokens[rows], weight)
+        return x
