@@ -44,6 +44,7 @@ def error_body(message: str, type: str, param: str | None, code: str | None) -> 
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])/(?:[^\s'\"/,;:()]+/)*[^\s'\"/,;:()]+")
 
 
@@ -88,7 +89,8 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_req: Request, exc: RequestValidationError):
         first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header", "form")
+               and _FIELD.fullmatch(str(p))]  # not pydantic's union branch tags ("constrained-str", "list[int]")
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
         return _respond(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param, "invalid_value")

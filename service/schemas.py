@@ -179,8 +179,10 @@ class Sampling(Body):
 
 
 class CompletionCreate(Sampling):
-    prompt: Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
-                                                                  Field(min_length=1, max_length=1)]
+    prompt: Annotated[
+        Annotated[StrictStr, Field(min_length=1)] | Annotated[list[Annotated[StrictStr, Field(min_length=1)]],
+                                                              Field(min_length=1, max_length=1)],
+        _explained("must be a non-empty string, or a list of one (one prompt per request)")]
     max_tokens: ranged(int, 1) | None = 16
     logprobs: ranged(int, 0, 20) | None = None
     echo: StrictBool = False

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from loramill.settings import Settings
+from tests.serving.conftest import lora  # noqa: F401 — real PEFT adapters for the serving tests
 from service.app import create_app
 from jobs.tenants import create_tenant
 from jobs.base_models import register_base_model
