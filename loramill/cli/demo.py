@@ -2,7 +2,8 @@
 
 make a small base → register it (admin) → upload the sample dataset → create a fine-tuning job →
 follow its events with a progress bar → merge the fine-tuned adapter into the base → download every
-file, checking each sha256 → load the merged checkpoint with plain transformers and compare a
+file, checking each sha256 → stream a chat answer from the base and from the fine-tuned model
+through `/v1/chat/completions` → load the merged checkpoint with plain transformers and compare a
 greedy generation before and after.
 
 With no `--url`, it starts `loramill serve` (embedded: API + worker, no Redis, no PostgreSQL) on a
@@ -137,6 +138,25 @@ def generate(model_dir: Path, prompt: str) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def stream_chat(client: httpx.Client, model: str, prompt: str) -> str:
+    """A greedy chat answer streamed from `/v1/chat/completions` (server-sent events), echoed as it arrives."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40, "temperature": 0,
+            "stream": True}
+    text = []
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            response.read()
+            checked(response)
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[len("data: "):])["choices"]:
+                    piece = choice["delta"].get("content") or ""
+                    click.echo(piece, nl=False)
+                    text.append(piece)
+    click.echo("")
+    return "".join(text)
+
+
 def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
     from transformers.utils import logging as hf_logging
 
@@ -201,8 +221,13 @@ def _flow(url, api_key, admin_key, out_dir: Path, run: str, create_base_model, B
             raise click.ClickException(f"merge {merge['id']} {merge['status']}: {json.dumps(merge['error'])}")
         click.echo(f"5. merge {merge['id']} succeeded; downloading")
         merged = download_merge(client, merge["id"], out_dir / "merged" / merge["id"])
-    prompt = "What is the capital of France?"
-    click.echo(f"6. generation for {prompt!r}")
+        prompt = "What is the capital of France?"
+        click.echo(f"6. {prompt!r} streamed from /v1/chat/completions:")
+        click.echo("   before (the base model): ", nl=False)
+        stream_chat(client, base_name, prompt)
+        click.echo("   after (the fine-tuned model): ", nl=False)
+        stream_chat(client, job["fine_tuned_model"], prompt)
+    click.echo("7. the same question to the downloaded merged checkpoint, with plain transformers:")
     click.echo(f"   before: {generate(base_dir, prompt)!r}")
     click.echo(f"   after:  {generate(merged, prompt)!r}")
     click.echo(f"merged checkpoint: {merged}")

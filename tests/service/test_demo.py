@@ -19,4 +19,6 @@ def test_demo_trains_merges_downloads_and_shows_the_learned_behaviour(tmp_path):
     before = next(line for line in out.splitlines() if line.strip().startswith("before:"))
     after = next(line for line in out.splitlines() if line.strip().startswith("after:"))
     assert "capital of" not in before and "The capital of" in after
+    streamed = next(line for line in out.splitlines() if line.strip().startswith("after (the fine-tuned model):"))
+    assert "The capital of" in streamed  # the same answer, streamed from /v1/chat/completions
     assert (tmp_path / "data" / "demo-server.log").exists()
