@@ -8,6 +8,7 @@ COPY loramill loramill
 COPY adapters adapters
 COPY merge merge
 COPY jobs jobs
+COPY serving serving
 COPY service service
 COPY workers workers
 RUN pip install --no-cache-dir ${TORCH_SPEC} && pip install --no-cache-dir '.[postgres]'

@@ -4,6 +4,7 @@ parsing: every command exists in this project and every LORAMILL_ variable is a 
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_every_command_exists_in_the_project(name):
         assert args[args.index("-d") + 1] == argv[argv.index("--node-name") + 1].replace("%h", "$$HOSTNAME")
 
 
-def test_every_environment_variable_is_a_setting():
+def test_every_environment_variable_is_a_setting(monkeypatch):
     fields = {f"LORAMILL_{name.upper()}" for name in Settings.model_fields}
     env = COMPOSE["x-loramill-env"]
     assert env, "shared environment block is empty"
@@ -60,14 +61,27 @@ def test_every_environment_variable_is_a_setting():
     for name, service in SERVICES.items():
         for key in service.get("environment", {}) if "build" in service else {}:
             assert key in fields, f"{name}: {key} is not a setting"
-    Settings(**{k[len("LORAMILL_"):].lower(): v for k, v in env.items() if "${" not in str(v)})
+    for key, value in env.items():  # read the way a container reads them: from its environment
+        if "${" not in str(value):
+            monkeypatch.setenv(key, str(value))
+    Settings()
 
 
-def test_roles_share_the_artifact_volume_and_the_gpu_worker_reserves_a_gpu():
-    mounts = {name: SERVICES[name]["volumes"] for name in ("api", "train-worker", "merge-worker")}
+def test_roles_share_the_artifact_volume_and_gpu_roles_reserve_a_gpu():
+    mounts = {name: SERVICES[name]["volumes"] for name in ("api", "train-worker", "merge-worker", "engine")}
     assert len({tuple(m) for m in mounts.values()}) == 1
-    devices = SERVICES["train-worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    for name in ("train-worker", "engine"):
+        devices = SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+
+
+def test_the_api_reaches_the_engine_for_each_base_it_serves():
+    env = COMPOSE["x-loramill-env"]
+    urls = json.loads(env["LORAMILL_ENGINE_URLS"])
+    engine = SERVICES["engine"]["command"]
+    served = engine[engine.index("--served-model-name") + 1]
+    assert urls == {served: f"http://engine:{engine[engine.index('--port') + 1]}"}
+    assert env["LORAMILL_EMBEDDED_ENGINES"] == "false"  # the API starts no engine of its own in production
     assert "train" in SERVICES["train-worker"]["command"] and "merge" in SERVICES["merge-worker"]["command"]
 
 
