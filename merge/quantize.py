@@ -55,8 +55,13 @@ def _quantizable(name: str, shape: tuple[int, ...], dtype: str) -> bool:
         and "wpe" not in parts and "embed_positions" not in parts
 
 
-def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Int8Result:
-    """Write the int8 weight-only export of the (merged) checkpoint at `checkpoint_dir`."""
+def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                provenance: dict | None = None) -> Int8Result:
+    """Write the int8 weight-only export of the (merged) checkpoint at `checkpoint_dir`.
+
+    The manifest's `source` is `provenance` when given (what the merge that made the checkpoint
+    did: base, adapters, method, dtype), else the checkpoint's path.
+    """
     src = Path(checkpoint_dir)
     tensors = read_checkpoint(src)
     config = read_config(src)
@@ -108,7 +113,7 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
             if path.is_file() and not path.name.endswith(".safetensors") and path.name not in (INDEX_NAME, MANIFEST_NAME):
                 (tmp / path.name).write_bytes(path.read_bytes())
         records += [hash_file(p) for p in sorted(tmp.iterdir()) if p.name != file.path.name]
-        write_manifest(tmp, {"format": "loramill-int8/1", "source": str(src.resolve()),
+        write_manifest(tmp, {"format": "loramill-int8/1", "source": provenance or {"path": str(src.resolve())},
                              "files": [{"name": r.name, "size": r.size, "sha256": r.sha256} for r in records]})
     return Int8Result(Path(out_dir), sorted(quantized), sum(t.nbytes for t in tensors.values()), total)
 

@@ -30,16 +30,13 @@ from threadpoolctl import threadpool_limits
 from adapters.checkpoint import DTYPE_BYTES, INDEX_NAME, PICKLE_SUFFIXES, TensorInfo, resolve_model_dir
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
-from adapters.peft_format import (
-    CONFIG_NAME as ADAPTER_CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME,
-    AdapterInfo, BaseWeights, LoraBinding, bind_adapter, read_adapter, read_base,
-)
-from merge.deltas import LoraDelta
+from adapters.peft_format import AdapterInfo, BaseWeights, LoraBinding, bind_adapter, read_adapter, read_base
+from merge.deltas import PRODUCT_ELEMENTS, LoraDelta
 from merge.manifest import MANIFEST_NAME, build_manifest, write_manifest
-from merge.methods import MergeMethod, Svd, make_method
+from merge.methods import MergeMethod, make_method
+from merge.options import DTYPE_CHOICES, OUTPUT_DTYPES, SEED
 from merge.tensorio import (
-    FLOAT_CODES, OUTPUT_DTYPES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw,
-    to_float32,
+    FLOAT_CODES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw, to_float32,
 )
 from merge.writer import (
     BufferPool, Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size,
@@ -114,7 +111,7 @@ def _output_dtype(dtype: str) -> str | None:
     if dtype == "auto":
         return None
     if dtype not in OUTPUT_DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected auto, {', '.join(OUTPUT_DTYPES)}", param="dtype")
+        raise InputError(f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_CHOICES)}", param="dtype")
     return OUTPUT_DTYPES[dtype]
 
 
@@ -122,7 +119,7 @@ def _plan(base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[Lo
           weights: list[float], out_dtype: str | None) -> tuple[list[_Output], bool]:
     """Every output tensor in base file order; unties a tied head that an adapter touches."""
     tasks: dict[str, list[_Task]] = {}
-    for i, (adapter, bound) in enumerate(zip(adapters, bindings)):
+    for i, (adapter, bound) in enumerate(zip(adapters, bindings, strict=True)):
         for b in bound:
             tasks.setdefault(b.tensor, []).append(_Task(i, weights[i], lora=b))
         for tensor, info in adapter.saved_modules.items():
@@ -175,6 +172,7 @@ class _Merger:
         self.maps: dict[Path, mmap.mmap] = {}
         self.pool = BufferPool(POOL_BLOCKS, BLOCK_ELEMENTS * 4)
         self.scratch: list[np.ndarray] = []  # float32: [0] base values when converted, [1:] deltas
+        self.products = np.empty(PRODUCT_ELEMENTS)  # float64: exact delta rows before their one rounding
 
     def _file(self, path: Path):
         if path not in self.files:
@@ -249,7 +247,7 @@ class _Merger:
             for i, t in enumerate(tasks):
                 if t.lora is not None:
                     rows_out = self._work(i + 1, count).reshape(raw.shape) if buffer is not None else None
-                    deltas.append(loras[id(t)].rows(first, last, out=rows_out))
+                    deltas.append(loras[id(t)].rows(first, last, out=rows_out, scratch=self.products))
                 else:
                     deltas.append(self._saved_rows(t.saved, first, last) - base_values)
             values = np.add(base_values, self.method.combine(deltas, [t.weight for t in tasks], out.name), out=target)
@@ -314,7 +312,7 @@ def _write_checkpoint(tmp: Path, base: BaseWeights, outputs: list[_Output], shar
     with ExitStack() as stack:
         merger = _Merger(method, stack)
         try:
-            for name, shard in zip(names, shards):
+            for name, shard in zip(names, shards, strict=True):
                 ordered = order_for_alignment(shard)
                 file = HashingFile(tmp / name)
                 files.append(file)
@@ -332,62 +330,21 @@ def _write_checkpoint(tmp: Path, base: BaseWeights, outputs: list[_Output], shar
     return records + [hash_file(tmp / INDEX_NAME)]
 
 
-def _write_svd_adapter(tmp: Path, base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[LoraBinding]],
-                       weights: list[float], method: Svd, out_dtype: str | None) -> list[FileRecord]:
-    """One PEFT adapter whose `B' A'` is the best rank-`rank` approximation of `Σ wᵢ sᵢ Bᵢ Aᵢ`."""
-    dtype = out_dtype or "F32"
-    by_module: dict[str, list[tuple[LoraBinding, float]]] = {}
-    for bound, w in zip(bindings, weights):
-        for b in bound:
-            by_module.setdefault(b.lora.module, []).append((b, w))
-    tensors: list[tuple[Entry, np.ndarray]] = []
-    for module, items in sorted(by_module.items()):
-        kinds = {b.lora.kind for b, _ in items}
-        if len(kinds) > 1:
-            raise InputError(f"adapters disagree on whether {module!r} is an embedding; cannot combine them")
-        b_new, a_new = method.factor([LoraDelta.load(b).factors(b.transposed) for b, _ in items], [w for _, w in items])
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kinds == {"embedding"} else ("lora_A.weight", "lora_B.weight")
-        for key, value in ((a_key, a_new), (b_key, b_new)):
-            tensors.append((Entry(f"{KEY_PREFIX}{module}.{key}", dtype, value.shape), value))
-    saved_tensors: dict[str, list[tuple[int, TensorInfo]]] = {}
-    for i, adapter in enumerate(adapters):
-        for name, info in adapter.saved_modules.items():
-            saved_tensors.setdefault(name, []).append((i, info))
-    for name, items in sorted(saved_tensors.items()):
-        base_values = read_float32(base.find(name))
-        if len(items) == 1 and weights[items[0][0]] == 1.0:
-            value = read_float32(items[0][1])
-        else:
-            value = base_values + method.combine([read_float32(info) - base_values for _, info in items],
-                                                 [weights[i] for i, _ in items], name)
-        tensors.append((Entry(f"{KEY_PREFIX}{name}", dtype, value.shape), value))
-    modules_to_save = sorted({name.rsplit(".", 1)[0] for name in saved_tensors})
-    file = HashingFile(tmp / ADAPTER_WEIGHTS_NAME)
-    try:
-        file.write(header_bytes([e for e, _ in tensors]))
-        for entry, value in tensors:
-            stored = np.ascontiguousarray(from_float32(np.ascontiguousarray(value, dtype=np.float32), dtype))
-            if not is_finite(stored, dtype):
-                raise InputError(f"re-factored tensor {entry.name!r} contains NaN or inf; nothing was written")
-            file.write(stored)
-    finally:
-        file.close()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.path.resolve()),
-        "r": method.rank, "lora_alpha": method.rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "target_modules": sorted(by_module), "modules_to_save": modules_to_save or None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True, "init_lora_weights": True,
-    }
-    (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return [file.record(), hash_file(tmp / ADAPTER_CONFIG_NAME)]
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty `out_dir` unless `overwrite` (before any work, not after it)."""
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"output {out_dir} already exists (pass --overwrite to replace it)", param="out")
 
 
-def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: str | Path, *, method: str = "linear",
-                    dtype: str = "auto", max_shard_size: str | int = "2GB", density: float | None = None,
-                    drop_rate: float | None = None, rank: int | None = None, seed: int = 0, overwrite: bool = False,
-                    progress: Progress | None = None, durable: bool = False,
+def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: str | Path, *,
+                    method: str | MergeMethod = "linear", dtype: str = "auto", max_shard_size: str | int = "2GB",
+                    density: float | None = None, drop_rate: float | None = None, rank: int | None = None,
+                    seed: int | None = None, overwrite: bool = False, progress: Progress | None = None, durable: bool = False,
                     before_commit: Callable[[Path], None] | None = None) -> MergeResult:
     """Merge `adapters` into the base checkpoint at `base_dir`, writing `out_dir`.
+
+    `method`: a registry name with its options (`density`, `drop_rate`, `rank`, `seed`; see
+    `merge.methods`), or a `MergeMethod` already built (then those options are not given).
 
     Every input is checked (by headers) before anything is written; `before_commit(tmp_dir)`
     runs on the complete output before it is renamed into place (e.g. verification) and may
@@ -397,19 +354,24 @@ def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: s
     output before it is renamed into place (see `atomic_directory`).
     """
     weights = _check_weights(adapters)
-    merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank, seed=seed)
+    if isinstance(method, MergeMethod):
+        if (density, drop_rate, rank, seed) != (None, None, None, None):
+            raise TypeError("give a built MergeMethod without options, or a method name with them")
+        merge_method = method
+    else:
+        merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank,
+                                   seed=SEED.default if seed is None else seed)
     out_dtype = _output_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"output {out_dir} already exists (pass --overwrite to replace it)", param="out")
+    check_output(out_dir, overwrite)
     base = read_base(resolve_model_dir(base_dir))
     infos = [read_adapter(ref.path) for ref in adapters]
     bindings = [bind_adapter(info, base) for info in infos]
     _check_adapters_finite(infos)
     with atomic_directory(out_dir, overwrite=overwrite, durable=durable) as tmp:
-        if isinstance(merge_method, Svd):
-            records = _write_svd_adapter(tmp, base, infos, bindings, weights, merge_method, out_dtype)
+        if merge_method.writes_adapter:
+            records = merge_method.write_adapter(tmp, base, infos, bindings, weights, out_dtype)
             kind, untie = "adapter", False
         else:
             outputs, untie = _plan(base, infos, bindings, weights, out_dtype)

@@ -17,7 +17,6 @@ STORAGE = {  # safetensors dtype -> numpy dtype of the stored bytes
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")
-OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def _row_span(info: TensorInfo, first_row: int, last_row: int | None) -> tuple[type, int, int, tuple[int, ...]]:
