@@ -295,16 +295,14 @@ class Svd(MergeMethod):
                                                    [weights[i] for i, _ in items], name)
             tensors.append((Entry(f"{KEY_PREFIX}{name}", dtype, value.shape), value))
         modules_to_save = sorted({name.rsplit(".", 1)[0] for name in saved_tensors})
-        file = HashingFile(out_dir / WEIGHTS_NAME)
-        try:
+        with HashingFile(out_dir / WEIGHTS_NAME) as file:
             file.write(header_bytes([e for e, _ in tensors]))
             for entry, value in tensors:
                 stored = np.ascontiguousarray(from_float32(np.ascontiguousarray(value, dtype=np.float32), dtype))
                 if not is_finite(stored, dtype):
                     raise InputError(f"re-factored tensor {entry.name!r} contains NaN or inf; nothing was written")
                 file.write(stored)
-        finally:
-            file.close()
+            weights_record = file.record()
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.path.resolve()),
             "r": self.rank, "lora_alpha": self.rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
@@ -312,7 +310,7 @@ class Svd(MergeMethod):
             "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True, "init_lora_weights": True,
         }
         (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return [file.record(), hash_file(out_dir / CONFIG_NAME)]
+        return [weights_record, hash_file(out_dir / CONFIG_NAME)]
 
 
 METHODS: dict[str, type[MergeMethod]] = {m.name: m for m in (Linear, Ties, DareLinear, DareTies, Svd)}

@@ -80,8 +80,7 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
         else:
             entries.append(Entry(name, info.dtype, info.shape))
     with atomic_directory(Path(out_dir), overwrite=overwrite) as tmp:
-        file = HashingFile(tmp / "model-00001-of-00001.safetensors")
-        try:
+        with HashingFile(tmp / "model-00001-of-00001.safetensors") as file:
             ordered = order_for_alignment(entries)
             file.write(header_bytes(ordered))
             handles: dict[Path, object] = {}
@@ -101,9 +100,7 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
                 file.write(scale if entry.name.endswith(SCALE_SUFFIX) else q)
             for f in handles.values():
                 f.close()
-        finally:
-            file.close()
-        records = [file.record()]
+            records = [file.record()]
         weight_map = {e.name: file.path.name for e in sorted(entries, key=lambda e: e.name)}
         total = sum(e.nbytes for e in entries)
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

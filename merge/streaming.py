@@ -6,6 +6,11 @@ holds a few blocks, never the model. Untouched tensors are copied byte for byte 
 memory-mapped base. Every delta is computed in float32 (see `merge.deltas`), added to the
 base block in float32, and cast once to the output dtype.
 
+Two threads share the work: this one computes, copies and writes; one per file hashes what was
+written. Within a shard the copied tensors come first: a copy costs this thread little and the
+hash a lot, so the hash thread has a backlog to work through while the blocks after it are
+computed, and neither thread waits for the other until the end.
+
 Output (Hugging Face layout, in a temporary directory renamed when complete):
 `model-0000N-of-0000M.safetensors`, `model.safetensors.index.json`, `config.json` (dtype, and
 `tie_word_embeddings: false` when a tied head was written separately), every other non-weight
@@ -38,12 +43,9 @@ from merge.options import DTYPE_CHOICES, OUTPUT_DTYPES, SEED
 from merge.tensorio import (
     FLOAT_CODES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw, to_float32,
 )
-from merge.writer import (
-    BufferPool, Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size,
-)
+from merge.writer import Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size
 
-BLOCK_ELEMENTS = 1024 * 1024  # rows per block: at most this many elements (4 MB in float32), cache-sized
-POOL_BLOCKS = 8  # output blocks in flight between the computing thread and the hash thread
+BLOCK_ELEMENTS = 256 * 1024  # rows per block: at most this many elements (1 MB in float32), cache-sized
 COPY_BYTES = 64 * 1024 * 1024  # untouched tensors are copied in slices of this size
 Progress = Callable[[int, int], bool | None]  # (bytes done, bytes total) -> True to cancel the merge
 
@@ -89,6 +91,11 @@ class _Output:
     @property
     def entry(self) -> Entry:
         return Entry(self.name, self.dtype, self.source.shape)
+
+    @property
+    def copied(self) -> bool:
+        """Written byte for byte from the base (nothing added, same dtype)."""
+        return not self.tasks and self.dtype == self.source.dtype
 
 
 def _check_weights(adapters: list[AdapterRef]) -> list[float]:
@@ -158,11 +165,12 @@ def _check_adapters_finite(adapters: list[AdapterInfo]) -> None:
 class _Merger:
     """Produces output tensors block by block from open base files.
 
-    A block is at most `BLOCK_ELEMENTS` elements of whole rows. Its stored bytes are produced in
-    a buffer taken from a `BufferPool` and handed to the file, whose hash thread gives it back
-    once hashed; deltas go to reusable float32 scratch arrays. Nothing is allocated per block, so
-    memory is `POOL_BLOCKS + 1 + adapters` blocks whatever the model's size. Methods that need a
-    whole tensor at once (`ties`, `dare_*`) work on whole tensors instead.
+    A block is at most `BLOCK_ELEMENTS` elements of whole rows, cache-sized. Its stored bytes are
+    produced in one reusable buffer and written (the file's hash thread reads them back from the
+    page cache, see `HashingFile`); deltas go to reusable float32 scratch arrays and their exact
+    products to one float64 scratch. Nothing is allocated per block, so memory is `2 + adapters`
+    blocks whatever the model's size. Methods that need a whole tensor at once (`ties`, `dare_*`)
+    work on whole tensors instead.
     """
 
     def __init__(self, method: MergeMethod, stack: ExitStack):
@@ -170,7 +178,7 @@ class _Merger:
         self.stack = stack
         self.files: dict[Path, object] = {}
         self.maps: dict[Path, mmap.mmap] = {}
-        self.pool = BufferPool(POOL_BLOCKS, BLOCK_ELEMENTS * 4)
+        self.buffer = np.empty(BLOCK_ELEMENTS * 4, dtype=np.uint8)  # a block's stored bytes
         self.scratch: list[np.ndarray] = []  # float32: [0] base values when converted, [1:] deltas
         self.products = np.empty(PRODUCT_ELEMENTS)  # float64: exact delta rows before their one rounding
 
@@ -181,7 +189,7 @@ class _Merger:
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self.maps:
-            # Not closed explicitly: buffers being hashed may still reference it; freed with the merger.
+            # Not closed explicitly: arrays of base rows may still reference it; freed with the merger.
             self.maps[path] = mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ)
         return self.maps[path]
 
@@ -193,28 +201,21 @@ class _Merger:
 
     def write_tensor(self, out: _Output, file: HashingFile, advance: Callable[[int], None]) -> None:
         src = out.source
-        if not out.tasks and out.dtype == src.dtype:  # untouched: kernel copy, hashed from the map
-            view = memoryview(self._map(src.file))
+        if out.copied:  # a kernel copy, as `cp` makes
             end = src.data_offset + src.nbytes
             for start in range(src.data_offset, end, COPY_BYTES):
                 stop = min(start + COPY_BYTES, end)
-                file.copy_range(self._file(src.file).fileno(), start, view[start:stop])
+                file.copy_range(self._file(src.file).fileno(), start, stop - start)
                 advance(stop - start)
             return
         rows = src.shape[0] if src.shape else 1
         row_items = max(src.numel, 1) // rows
-        pooled = row_items <= BLOCK_ELEMENTS and (self.method.elementwise or not out.tasks)
-        step = BLOCK_ELEMENTS // row_items if pooled else rows
+        blocked = row_items <= BLOCK_ELEMENTS and (self.method.elementwise or not out.tasks)
+        step = BLOCK_ELEMENTS // row_items if blocked else rows
         loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
         for first in range(0, rows, step):
-            last = min(first + step, rows)
-            if pooled:
-                buffer = self.pool.take()
-                stored = self._block(out, first, last, loras, buffer)
-                file.write(stored, hashed=lambda buffer=buffer: self.pool.give(buffer))
-            else:
-                stored = self._block(out, first, last, loras, None)
-                file.write(stored)
+            stored = self._block(out, first, min(first + step, rows), loras, self.buffer if blocked else None)
+            file.write(stored)
             advance(stored.nbytes)
 
     def _block(self, out: _Output, first: int, last: int, loras: dict[int, LoraDelta],
@@ -238,8 +239,8 @@ class _Merger:
             target = self._work(0, count).reshape(raw.shape) if buffer is not None else np.empty(raw.shape, np.float32)
         tasks = out.tasks
         if not tasks:
-            values = to_float32(raw, src.dtype, out=target)
-        elif self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
+            return from_float32(to_float32(raw, src.dtype, out=target), out.dtype, out=stored_out)
+        if self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
             values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
         else:
             base_values = to_float32(raw, src.dtype, out=target)  # float32 sources: the mapped bytes themselves
@@ -251,11 +252,10 @@ class _Merger:
                 else:
                     deltas.append(self._saved_rows(t.saved, first, last) - base_values)
             values = np.add(base_values, self.method.combine(deltas, [t.weight for t in tasks], out.name), out=target)
-            if not all_finite(values):
-                raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
         stored = from_float32(values, out.dtype, out=stored_out)
-        if tasks and out.dtype != "F32" and not is_finite(stored, out.dtype):
-            raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
+        if not is_finite(stored, out.dtype):
+            problem = f"overflows {out.dtype}" if all_finite(values) else "contains NaN or inf"
+            raise InputError(f"merged tensor {out.name!r} {problem}; the output was discarded")
         return stored
 
     def _saved_rows(self, saved: TensorInfo, first: int, last: int) -> np.ndarray:
@@ -265,8 +265,8 @@ class _Merger:
 def _blas_threads() -> int:
     """BLAS threads for the delta products: every core but the one the sha256 thread needs.
 
-    sha256 (about 1.4 GB/s) is the slowest stage; idle BLAS threads spin for a while after each
-    product, and on a small machine they would take its core.
+    sha256 is the slowest stage; idle BLAS threads spin for a while after each product, and on a
+    small machine they would take its core.
     """
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
@@ -308,22 +308,18 @@ def _write_checkpoint(tmp: Path, base: BaseWeights, outputs: list[_Output], shar
             raise MergeCancelled(f"cancelled after {done} of {total} bytes")
 
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    files: list[HashingFile] = []
     with ExitStack() as stack:
         merger = _Merger(method, stack)
-        try:
-            for name, shard in zip(names, shards, strict=True):
-                ordered = order_for_alignment(shard)
-                file = HashingFile(tmp / name)
-                files.append(file)
-                file.write(header_bytes([o.entry for o in ordered]))
-                for out in ordered:
-                    merger.write_tensor(out, file, advance)
-                file.close()
-            records = [f.record() for f in files]
-        finally:
-            for f in files:
-                f.close()
+        files = []
+        for name, shard in zip(names, shards, strict=True):
+            ordered = order_for_alignment(sorted(shard, key=lambda o: not o.copied))
+            file = stack.enter_context(HashingFile(tmp / name))
+            files.append(file)
+            file.write(header_bytes([o.entry for o in ordered]))
+            for out in ordered:
+                merger.write_tensor(out, file, advance)
+            file.close()  # its hash finishes while the next shard is written
+        records = [f.record() for f in files]
     index = {"metadata": {"total_size": total},
              "weight_map": {o.name: names[i] for i, shard in enumerate(shards) for o in sorted(shard, key=lambda o: o.name)}}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -96,6 +96,8 @@ def is_finite(stored: np.ndarray, dtype: str) -> bool:
     """True when no element of the stored array is NaN or infinite."""
     if dtype == "BF16":
         return not bool(np.any((stored & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    if dtype == "F32":
+        return all_finite(stored)
     return bool(np.isfinite(stored).all())
 
 

@@ -5,17 +5,17 @@ multiple of 8) + the tensors' bytes, back to back in header order. Since every o
 and dtype is known before any data is computed, the header is written first and tensors are
 streamed after it, one block at a time; nothing is ever held whole in memory.
 
-The sha256 runs in a thread fed with the same buffers the file receives (hashlib releases the
-GIL), so hashing overlaps writing and computing; a shard's hash may finish while the next shard
-is being written. sha256 is the slowest stage of a merge (about 1.4 GB/s per core with SHA-NI),
-so the computing thread must never make it wait: blocks come from a `BufferPool` of reusable
-buffers that the hash thread hands back once hashed, and the producer runs ahead by the pool's size.
+The sha256 runs in a thread that reads the file back from the page cache as it is written
+(hashlib releases the GIL), so hashing overlaps writing and computing; a shard's hash may finish
+while the next shard is being written. sha256 is the slowest stage of a merge (one core per
+file: it cannot be split within a file), so nothing makes it wait but the file's growth.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import re
@@ -23,9 +23,6 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from adapters.checkpoint import DTYPE_BYTES
 from adapters.errors import InputError
@@ -87,78 +84,94 @@ class FileRecord:
     sha256: str
 
 
-class BufferPool:
-    """`count` reusable byte buffers of `nbytes` each: `take()` waits for a free one, `give()` returns it.
-
-    Memory stays at `count × nbytes` however much is written, and no block pays for fresh pages
-    (first-touch page faults of a new 16 MB array cost more than the arithmetic done in it).
-    """
-
-    def __init__(self, count: int, nbytes: int):
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(count):
-            self._free.put(np.empty(nbytes, dtype=np.uint8))
-
-    def take(self) -> np.ndarray:
-        return self._free.get()
-
-    def give(self, buffer: np.ndarray) -> None:
-        self._free.put(buffer)
-
-
 class HashingFile:
-    """A binary file written sequentially while a thread computes its sha256.
+    """A binary file written sequentially while a thread computes its sha256 from the written pages.
 
-    `write(buffer, hashed=None)` writes user-space bytes and calls `hashed()` from the hash thread
-    once they are hashed (e.g. `lambda: pool.give(buffer)`); `copy_range(fd, offset, view)` has
-    the kernel copy `len(view)` bytes from another file (`copy_file_range`, like `cp`) while the
-    thread hashes `view`, a memory map of the same bytes. `close()` closes the file; `record()`
-    waits for the hash. Buffers must not change until hashed.
+    `write(data)` writes user-space bytes, `copy_range(fd, offset, length)` has the kernel copy
+    bytes from another file (`copy_file_range`, like `cp`). A thread hashes the file as it grows,
+    reading what was written back through a read-only memory map of the file itself: the page
+    cache holds those bytes anyway, so the hash costs no copy and no memory of ours, the writer
+    may reuse its buffer as soon as `write` returns, and it never waits for the hash however far
+    ahead it runs. `close()` ends the writing, `record()` waits for the hash and returns it; used
+    as a context manager, an exception abandons the hash (the file is being discarded).
     """
+
+    WINDOW = 64 * 1024 * 1024  # bytes mapped at a time by the hash thread
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._file = open(self.path, "wb", buffering=0)
+        self._reader = os.open(self.path, os.O_RDONLY)
         self._size = 0
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._ends: queue.SimpleQueue = queue.SimpleQueue()  # file sizes written so far; None: closed
+        self._error: BaseException | None = None
+        self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=f"sha256-{self.path.name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            view, hashed = item
-            self._hash.update(view)
-            if hashed is not None:
-                hashed()
-
-    def write(self, data, hashed: Callable[[], None] | None = None) -> None:
-        view = memoryview(data).cast("B")
         done = 0
-        while done < view.nbytes:
-            done += self._file.write(view[done:])
-        self._size += view.nbytes
-        self._queue.put((view, hashed))
+        try:
+            while (end := self._ends.get()) is not None:
+                while done < end and not self._abandoned:
+                    start = done - done % mmap.ALLOCATIONGRANULARITY
+                    stop = min(end, start + self.WINDOW)
+                    with mmap.mmap(self._reader, stop - start, offset=start, prot=mmap.PROT_READ,
+                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mapped:
+                        with memoryview(mapped) as view, view[done - start:] as written:
+                            self._hash.update(written)
+                    done = stop
+        except BaseException as exc:  # reported by record()
+            self._error = exc
 
-    def copy_range(self, src_fd: int, offset: int, view: memoryview) -> None:
+    def write(self, data) -> None:
+        with memoryview(data) as raw, raw.cast("B") as view:
+            done = 0
+            while done < view.nbytes:
+                done += self._file.write(view[done:])
+        self._grown(done)
+
+    def copy_range(self, src_fd: int, offset: int, length: int) -> None:
         done = 0
-        while done < view.nbytes:
-            copied = os.copy_file_range(src_fd, self._file.fileno(), view.nbytes - done, offset + done)
+        while done < length:
+            copied = os.copy_file_range(src_fd, self._file.fileno(), length - done, offset + done)
             if copied == 0:
                 raise InputError(f"{self.path.name}: source ended early while copying")
             done += copied
-        self._size += view.nbytes
-        self._queue.put((view, None))
+        self._grown(length)
+
+    def _grown(self, nbytes: int) -> None:
+        if nbytes:
+            self._size += nbytes
+            self._ends.put(self._size)
 
     def close(self) -> None:
+        """No more writes: the hash finishes in the background (`record()` waits for it)."""
         if not self._file.closed:
             self._file.close()
-            self._queue.put(None)
+            self._ends.put(None)
 
-    def record(self) -> FileRecord:
+    def _finish(self) -> None:
         self.close()
         self._thread.join()
+        if self._reader >= 0:
+            os.close(self._reader)
+            self._reader = -1
+
+    def record(self) -> FileRecord:
+        self._finish()
+        if self._error is not None:
+            raise self._error
         return FileRecord(self.path.name, self._size, self._hash.hexdigest())
+
+    def __enter__(self) -> "HashingFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abandoned = True
+            self._finish()
 
 
 def hash_file(path: Path) -> FileRecord:

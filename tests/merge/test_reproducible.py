@@ -20,6 +20,7 @@ import merge.deltas as deltas
 import merge.streaming as streaming
 from merge.deltas import grid_bits, on_grid
 from merge.streaming import AdapterRef, merge_streaming
+from merge.writer import HashingFile
 
 
 @pytest.mark.parametrize("rank", [1, 2, 16, 32, 33, 64, 256])
@@ -98,7 +99,7 @@ def mixed(make_base, make_adapter):
                                             ("dare_ties", {"drop_rate": 0.5, "seed": 7}),
                                             ("dare_linear", {"drop_rate": 0.3})])
 @pytest.mark.parametrize("product", [_reversed_k, _pairwise_k, _einsum], ids=["reversed", "pairwise", "einsum"])
-def test_any_summation_order_with_tiny_blocks_writes_the_same_bytes(method, options, product, mixed, tmp_path,
+def test_any_summation_order_with_tiny_blocks_and_hash_windows_writes_the_same_bytes(method, options, product, mixed, tmp_path,
                                                                       monkeypatch):
     base, adapters = mixed
     options = {"method": method, "dtype": "float32", **options}
@@ -107,7 +108,7 @@ def test_any_summation_order_with_tiny_blocks_writes_the_same_bytes(method, opti
     monkeypatch.setattr(deltas, "np", _NumpyWith(product))
     monkeypatch.setattr(deltas, "PRODUCT_ELEMENTS", 200)  # products of one or two rows
     monkeypatch.setattr(streaming, "BLOCK_ELEMENTS", 3 * 128 + 5)
-    monkeypatch.setattr(streaming, "POOL_BLOCKS", 2)
+    monkeypatch.setattr(HashingFile, "WINDOW", 2 * 4096)
     other = merge_streaming(base, adapters, tmp_path / "other", **options)
 
     assert _files(other.out_dir) == _files(reference.out_dir)
@@ -118,6 +119,7 @@ KERNEL_MERGE = """
 import json, sys
 from threadpoolctl import threadpool_info
 from merge.streaming import AdapterRef, merge_streaming
+from merge.writer import HashingFile
 base, out, adapters = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 result = merge_streaming(base, [AdapterRef(p, w) for p, w in adapters], out, dtype="bfloat16")
 kernels = sorted({i.get("architecture") or i["internal_api"] for i in threadpool_info() if i["user_api"] == "blas"})

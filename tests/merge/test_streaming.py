@@ -1,4 +1,4 @@
-"""Block streaming: how a tensor is cut into blocks, and how buffers are reused, never shows in the output."""
+"""Block streaming: how a tensor is cut into blocks, and how the hash reads it back, never shows in the output."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 import merge.streaming as streaming
 from merge.streaming import AdapterRef, merge_streaming
+from merge.writer import HashingFile
 
 CASES = [  # (base dtype, --dtype, method)
     ("float32", "auto", "linear"),
@@ -24,8 +25,8 @@ def _files(out) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("base_dtype,dtype,method", CASES, ids=["-".join(c) for c in CASES])
-def test_small_blocks_and_a_small_pool_write_the_same_bytes(base_dtype, dtype, method, make_base, make_adapter,
-                                                              tmp_path, monkeypatch):
+def test_small_blocks_and_small_hash_windows_write_the_same_bytes(base_dtype, dtype, method, make_base, make_adapter,
+                                                                   tmp_path, monkeypatch):
     base = make_base(arch="llama", dtype=base_dtype)
     first = make_adapter(base, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"])
     second = make_adapter(base, seed=1, r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"])
@@ -34,9 +35,10 @@ def test_small_blocks_and_a_small_pool_write_the_same_bytes(base_dtype, dtype, m
     reference = merge_streaming(base, adapters, tmp_path / "whole", **options)
 
     # Rows of 128 items go 3 to a block (the last block short); rows of 352 items exceed a block and
-    # take the unpooled path; two pooled buffers force reuse while the hash thread still works.
+    # take the whole-tensor path; the hash thread reads the file back two pages at a time while the
+    # writer reuses its one block buffer.
     monkeypatch.setattr(streaming, "BLOCK_ELEMENTS", 3 * 128 + 5)
-    monkeypatch.setattr(streaming, "POOL_BLOCKS", 2)
+    monkeypatch.setattr(HashingFile, "WINDOW", 2 * 4096)
     blocked = merge_streaming(base, adapters, tmp_path / "blocked", **options)
 
     assert _files(blocked.out_dir) == _files(reference.out_dir)
