@@ -2,20 +2,21 @@
 
 The base is read by its safetensors headers; each output tensor is produced in row blocks
 (read the block, add the combined delta, round once to the output dtype, write), so memory
-holds a few blocks, never the model. Untouched tensors are copied byte for byte from the
-memory-mapped base. Every delta is computed in float32 (see `merge.deltas`), added to the
-base block in float32, and cast once to the output dtype.
+holds a few blocks, never the model. Untouched tensors are copied byte for byte by the kernel
+(`copy_file_range`, as `cp` does). Every delta is the float32 rounding of an exact product (see
+`merge.deltas`), so the bytes do not depend on the machine; it is added to the base block in
+float32 and the sum cast once to the output dtype.
 
 Two threads share the work: this one computes, copies and writes; one per file hashes what was
-written. Within a shard the copied tensors come first: a copy costs this thread little and the
-hash a lot, so the hash thread has a backlog to work through while the blocks after it are
-computed, and neither thread waits for the other until the end.
+written, reading it back from the page cache, so this thread never waits for it. Within a shard
+the copied tensors come first: a copy costs this thread little and the hash a lot, so the hash
+thread has a backlog to work through while the blocks after it are computed.
 
 Output (Hugging Face layout, in a temporary directory renamed when complete):
 `model-0000N-of-0000M.safetensors`, `model.safetensors.index.json`, `config.json` (dtype, and
 `tie_word_embeddings: false` when a tied head was written separately), every other non-weight
 file of the base (tokenizer, generation config, chat template), `loramill-manifest.json`.
-With `method="svd"` the output is a PEFT adapter directory instead.
+With a method that `writes_adapter` (`svd`) the output is a PEFT adapter directory instead.
 """
 
 from __future__ import annotations
