@@ -17,15 +17,14 @@ no larger than `2^(2β) g_i h_j`. With `β = ⌊(53 - ⌈log₂ r⌉) / 2⌋` (2
 sum, in whatever order and grouping a float64 GEMM takes them, with or without FMA, is an integer
 times `g_i h_j` below `2^53 g_i h_j`: exactly representable. So the float64 product is the exact
 `Σ_k left_ik right_kj`, and rounding it once to float32 gives the same bits on any machine, for any
-block shape. (Nothing underflows or overflows: for factors in float32's range the grids stay
+block shape. (Nothing underflows or overflows: for factors of float32 magnitude the grids stay
 within 2^±200.)
 
 What the grid costs: a factor entry moves by at most half a grid step, `2^-(β+1)` of 2^e_i, i.e.
-at most 2^-24 of its row's (column's) largest magnitude for r ≤ 32 — entries in the top binade of
-their row, and any float32 factor of rank 1, stay exact. The delta then differs from the exact
-`s·B·A` by at most `2^-24 (max_k|l_ik| Σ_k|r_kj| + Σ_k|l_ik| max_k|r_kj|)` plus its final rounding,
-the same order as the float32 product's own rounding error `r·2^-24 Σ_k|l_ik r_kj|`, which is
-what PEFT computes. The alternative, a correctly rounded float32 of the exact product (a float64
+at most 2^-24 of its row's (column's) largest magnitude for r ≤ 32; a float32 entry within a
+factor 2^(β-24) of that largest stays exact. The delta then differs from the exact `s·B·A` by at
+most `2^-24 (max_k|l_ik| Σ_k|r_kj| + Σ_k|l_ik| max_k|r_kj|)` plus its final rounding, the same
+order as the rounding error of the float32 product PEFT computes, `r·2^-24 Σ_k|l_ik r_kj|`. The alternative, a correctly rounded float32 of the exact product (a float64
 product plus an error bound deciding which elements sit too close to a rounding boundary, those
 recomputed exactly), needs several extra passes over every block and a data-dependent slow path;
 this grid needs one float64 product and one rounding pass, whatever the data.

@@ -71,3 +71,27 @@ def test_progress_reaches_the_total(make_base, make_adapter, tmp_path):
     seen = []
     merge_streaming(base, [AdapterRef(adapter)], tmp_path / "merged", progress=lambda done, total: seen.append((done, total)))
     assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_hashing_file_hashes_what_it_wrote_and_copied(tmp_path, monkeypatch):
+    monkeypatch.setattr(HashingFile, "WINDOW", 3 * 4096)  # many windows, most not page-aligned at their start
+    source = tmp_path / "source"
+    source.write_bytes(bytes(range(256)) * 1000)
+    with HashingFile(tmp_path / "out") as file, open(source, "rb") as src:
+        file.write(b"header")
+        for start in range(0, 256_000, 50_001):
+            file.copy_range(src.fileno(), start, min(50_001, 256_000 - start))
+            file.write(bytearray(b"x" * 7777))
+        record = file.record()
+    data = (tmp_path / "out").read_bytes()
+    assert record.size == len(data) and record.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_an_error_while_writing_abandons_the_hash(tmp_path):
+    import os
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="stop"), HashingFile(tmp_path / "out") as file:
+        file.write(b"x" * (1 << 20))
+        raise RuntimeError("stop")
+    assert not file._thread.is_alive() and len(os.listdir("/proc/self/fd")) == fds
