@@ -7,10 +7,10 @@ holds a few blocks, never the model. Untouched tensors are copied byte for byte 
 `merge.deltas`), so the bytes do not depend on the machine; it is added to the base block in
 float32 and the sum cast once to the output dtype.
 
-Two threads share the work: this one computes, copies and writes; one per file hashes what was
-written, reading it back from the page cache, so this thread never waits for it. Within a shard
-the copied tensors come first: a copy costs this thread little and the hash a lot, so the hash
-thread has a backlog to work through while the blocks after it are computed.
+Two threads share the work: this one computes; one per file hashes; the writing and copying go
+to whichever has time (`HashingFile`), and this thread never waits for the hash. Within a shard
+the copied tensors come first: a copy costs little and its hash a lot, so the hash thread has a
+backlog to work through while the blocks after it are computed, and no copy is left at the end.
 
 Output (Hugging Face layout, in a temporary directory renamed when complete):
 `model-0000N-of-0000M.safetensors`, `model.safetensors.index.json`, `config.json` (dtype, and
@@ -44,10 +44,13 @@ from merge.options import DTYPE_CHOICES, OUTPUT_DTYPES, SEED
 from merge.tensorio import (
     FLOAT_CODES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw, to_float32,
 )
-from merge.writer import Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size
+from merge.writer import (
+    BufferPool, Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size,
+)
 
 BLOCK_ELEMENTS = 256 * 1024  # rows per block: at most this many elements (1 MB in float32), cache-sized
-COPY_BYTES = 64 * 1024 * 1024  # untouched tensors are copied in slices of this size
+POOL_BLOCKS = 16  # block buffers the hash thread may hold, to hash them while they are still in cache
+COPY_BYTES = 8 * 1024 * 1024  # untouched tensors are copied in slices of this size
 Progress = Callable[[int, int], bool | None]  # (bytes done, bytes total) -> True to cancel the merge
 
 
@@ -167,11 +170,13 @@ class _Merger:
     """Produces output tensors block by block from open base files.
 
     A block is at most `BLOCK_ELEMENTS` elements of whole rows, cache-sized. Its stored bytes are
-    produced in one reusable buffer and written (the file's hash thread reads them back from the
-    page cache, see `HashingFile`); deltas go to reusable float32 scratch arrays and their exact
-    products to one float64 scratch. Nothing is allocated per block, so memory is `2 + adapters`
-    blocks whatever the model's size. Methods that need a whole tensor at once (`ties`, `dare_*`)
-    work on whole tensors instead.
+    produced in a buffer from a `BufferPool` and handed to the file, which writes and hashes it
+    and gives it back; when the pool is out, in a spare buffer that is written at once and hashed
+    later from the page cache, so computing never waits for hashing (see `HashingFile`). Deltas
+    go to reusable float32 scratch arrays and their exact products to one float64 scratch.
+    Nothing is allocated per block, so memory is `POOL_BLOCKS + 2 + adapters` blocks whatever
+    the model's size. Methods that need a whole tensor at once (`ties`, `dare_*`) work on whole
+    tensors instead.
     """
 
     def __init__(self, method: MergeMethod, stack: ExitStack):
@@ -179,7 +184,8 @@ class _Merger:
         self.stack = stack
         self.files: dict[Path, object] = {}
         self.maps: dict[Path, mmap.mmap] = {}
-        self.buffer = np.empty(BLOCK_ELEMENTS * 4, dtype=np.uint8)  # a block's stored bytes
+        self.pool = BufferPool(POOL_BLOCKS, BLOCK_ELEMENTS * 4)  # blocks handed to the hash thread
+        self.spare = np.empty(BLOCK_ELEMENTS * 4, dtype=np.uint8)  # when the pool is out: written, reused at once
         self.scratch: list[np.ndarray] = []  # float32: [0] base values when converted, [1:] deltas
         self.products = np.empty(PRODUCT_ELEMENTS)  # float64: exact delta rows before their one rounding
 
@@ -190,7 +196,7 @@ class _Merger:
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self.maps:
-            # Not closed explicitly: arrays of base rows may still reference it; freed with the merger.
+            # Not closed explicitly: views being hashed may still reference it; freed with the merger.
             self.maps[path] = mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ)
         return self.maps[path]
 
@@ -204,9 +210,10 @@ class _Merger:
         src = out.source
         if out.copied:  # a kernel copy, as `cp` makes
             end = src.data_offset + src.nbytes
+            view = memoryview(self._map(src.file))
             for start in range(src.data_offset, end, COPY_BYTES):
                 stop = min(start + COPY_BYTES, end)
-                file.copy_range(self._file(src.file).fileno(), start, stop - start)
+                file.copy_range(self._file(src.file).fileno(), start, stop - start, view[start:stop])
                 advance(stop - start)
             return
         rows = src.shape[0] if src.shape else 1
@@ -215,8 +222,12 @@ class _Merger:
         step = BLOCK_ELEMENTS // row_items if blocked else rows
         loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
         for first in range(0, rows, step):
-            stored = self._block(out, first, min(first + step, rows), loras, self.buffer if blocked else None)
-            file.write(stored)
+            held = self.pool.take() if blocked else None
+            stored = self._block(out, first, min(first + step, rows), loras, self.spare if held is None and blocked else held)
+            if held is not None:
+                file.write(stored, hashed=lambda held=held: self.pool.give(held))
+            else:
+                file.write(stored)  # hashed back from the page cache
             advance(stored.nbytes)
 
     def _block(self, out: _Output, first: int, last: int, loras: dict[int, LoraDelta],

@@ -99,7 +99,7 @@ def mixed(make_base, make_adapter):
                                             ("dare_ties", {"drop_rate": 0.5, "seed": 7}),
                                             ("dare_linear", {"drop_rate": 0.3})])
 @pytest.mark.parametrize("product", [_reversed_k, _pairwise_k, _einsum], ids=["reversed", "pairwise", "einsum"])
-def test_any_summation_order_with_tiny_blocks_and_hash_windows_writes_the_same_bytes(method, options, product, mixed, tmp_path,
+def test_any_summation_order_with_tiny_blocks_and_a_small_pool_writes_the_same_bytes(method, options, product, mixed, tmp_path,
                                                                       monkeypatch):
     base, adapters = mixed
     options = {"method": method, "dtype": "float32", **options}
@@ -108,7 +108,8 @@ def test_any_summation_order_with_tiny_blocks_and_hash_windows_writes_the_same_b
     monkeypatch.setattr(deltas, "np", _NumpyWith(product))
     monkeypatch.setattr(deltas, "PRODUCT_ELEMENTS", 200)  # products of one or two rows
     monkeypatch.setattr(streaming, "BLOCK_ELEMENTS", 3 * 128 + 5)
-    monkeypatch.setattr(HashingFile, "WINDOW", 2 * 4096)
+    monkeypatch.setattr(streaming, "POOL_BLOCKS", 2)
+    monkeypatch.setattr(HashingFile, "HANDOVER", 3 * 4096)
     other = merge_streaming(base, adapters, tmp_path / "other", **options)
 
     assert _files(other.out_dir) == _files(reference.out_dir)

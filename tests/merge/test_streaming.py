@@ -1,4 +1,4 @@
-"""Block streaming: how a tensor is cut into blocks, and how the hash reads it back, never shows in the output."""
+"""Block streaming: how a tensor is cut into blocks, and how buffers are reused, never shows in the output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 import merge.streaming as streaming
 from merge.streaming import AdapterRef, merge_streaming
-from merge.writer import HashingFile
 
 CASES = [  # (base dtype, --dtype, method)
     ("float32", "auto", "linear"),
@@ -25,8 +24,8 @@ def _files(out) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("base_dtype,dtype,method", CASES, ids=["-".join(c) for c in CASES])
-def test_small_blocks_and_small_hash_windows_write_the_same_bytes(base_dtype, dtype, method, make_base, make_adapter,
-                                                                   tmp_path, monkeypatch):
+def test_small_blocks_and_a_small_pool_write_the_same_bytes(base_dtype, dtype, method, make_base, make_adapter,
+                                                              tmp_path, monkeypatch):
     base = make_base(arch="llama", dtype=base_dtype)
     first = make_adapter(base, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"])
     second = make_adapter(base, seed=1, r=8, lora_alpha=8, target_modules=["q_proj", "up_proj"], modules_to_save=["lm_head"])
@@ -35,10 +34,9 @@ def test_small_blocks_and_small_hash_windows_write_the_same_bytes(base_dtype, dt
     reference = merge_streaming(base, adapters, tmp_path / "whole", **options)
 
     # Rows of 128 items go 3 to a block (the last block short); rows of 352 items exceed a block and
-    # take the whole-tensor path; the hash thread reads the file back two pages at a time while the
-    # writer reuses its one block buffer.
+    # take the unpooled path; two pooled buffers force reuse while the hash thread still works.
     monkeypatch.setattr(streaming, "BLOCK_ELEMENTS", 3 * 128 + 5)
-    monkeypatch.setattr(HashingFile, "WINDOW", 2 * 4096)
+    monkeypatch.setattr(streaming, "POOL_BLOCKS", 2)
     blocked = merge_streaming(base, adapters, tmp_path / "blocked", **options)
 
     assert _files(blocked.out_dir) == _files(reference.out_dir)
@@ -73,22 +71,34 @@ def test_progress_reaches_the_total(make_base, make_adapter, tmp_path):
     assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
-def test_hashing_file_hashes_what_it_wrote_and_copied(tmp_path, monkeypatch):
-    monkeypatch.setattr(HashingFile, "WINDOW", 3 * 4096)  # many windows, most not page-aligned at their start
+def test_hashing_file_hashes_what_it_wrote_held_unheld_and_copied(tmp_path, monkeypatch):
+    from merge.writer import HashingFile
+
     source = tmp_path / "source"
     source.write_bytes(bytes(range(256)) * 1000)
-    with HashingFile(tmp_path / "out") as file, open(source, "rb") as src:
-        file.write(b"header")
-        for start in range(0, 256_000, 50_001):
-            file.copy_range(src.fileno(), start, min(50_001, 256_000 - start))
-            file.write(bytearray(b"x" * 7777))
-        record = file.record()
-    data = (tmp_path / "out").read_bytes()
-    assert record.size == len(data) and record.sha256 == hashlib.sha256(data).hexdigest()
+    returned = []
+    for handover in (0, 1 << 30):  # every copy made by the writer, then every copy left to the hash thread
+        monkeypatch.setattr(HashingFile, "HANDOVER", handover)
+        out = tmp_path / f"out-{handover}"
+        with HashingFile(out) as file, open(source, "rb") as src, memoryview(source.read_bytes()) as view:
+            file.write(b"header")
+            for start in range(0, 256_000, 50_001):
+                stop = min(start + 50_001, 256_000)
+                file.copy_range(src.fileno(), start, stop - start, view[start:stop])
+                held = bytearray(b"h" * 4097)
+                file.write(held, hashed=lambda held=held: returned.append(held))
+                file.write(bytearray(b"u" * 7777))
+            record = file.record()
+        data = out.read_bytes()
+        assert record.size == len(data) == 6 + 256_000 + 6 * (4097 + 7777)
+        assert record.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(returned) == 12
 
 
 def test_an_error_while_writing_abandons_the_hash(tmp_path):
     import os
+
+    from merge.writer import HashingFile
 
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(RuntimeError, match="stop"), HashingFile(tmp_path / "out") as file:
