@@ -223,7 +223,8 @@ class _Merger:
         loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
         for first in range(0, rows, step):
             held = self.pool.take() if blocked else None
-            stored = self._block(out, first, min(first + step, rows), loras, self.spare if held is None and blocked else held)
+            buffer = held if held is not None else self.spare if blocked else None
+            stored = self._block(out, first, min(first + step, rows), loras, buffer)
             if held is not None:
                 file.write(stored, hashed=lambda held=held: self.pool.give(held))
             else:

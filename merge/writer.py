@@ -88,7 +88,10 @@ class FileRecord:
 
 
 class BufferPool:
-    """`count` reusable byte buffers of `nbytes` each: `take()` returns a free one or None, `give()` returns it."""
+    """`count` reusable byte buffers of `nbytes` each: `take()` returns a free one or None, `give()` returns it.
+
+    Memory stays at `count × nbytes` however much is written, and no block pays for fresh pages.
+    """
 
     def __init__(self, count: int, nbytes: int):
         self._free: queue.SimpleQueue = queue.SimpleQueue()
