@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.services import free_port, free_redis_url, release_redis, stop, wait_http  # noqa: E402
+from bench.procs import free_port, free_redis_url, release_redis, stop, wait_http  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:

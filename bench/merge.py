@@ -1,6 +1,6 @@
 """Benchmark `loramill merge` against `cp -r` of the base and PEFT's merge_and_unload + save_pretrained.
 
-    .venv/bin/python bench/merge.py [--out bench/out] [--repeat 3] [--sizes large,small]
+    .venv/bin/python bench/merge.py [--out bench/out] [--repeat 3] [--sizes large,small] [--also NAME=TREE ...]
 
 Bases are made with `loramill base create` (Llama-shaped, float32) under --out (gitignored):
 `large` is >= 1 GB, `small` is about a third of it, to show that peak memory does not grow with
@@ -11,7 +11,10 @@ wall time is measured around the process, peak anonymous memory by sampling `Rss
 and ratios against the peers measured in the same run. Runs are interleaved (cp, loramill,
 PEFT, cp, ...) so load from other processes on the machine hits every peer alike.
 Also timed: sha256 of the base's bytes alone, the floor of any merge that writes a manifest
-with every file's sha256 (one core; sha256 cannot be split within a file).
+with every file's sha256 (one core; sha256 cannot be split within a file). The target is the
+merge itself (the CLI's own timer, imports excluded) within 1.2x max(cp, sha256), taken per
+round. `--also NAME=TREE` times `loramill merge` from another source tree too (e.g. a second
+checkout of main), interleaved with the rest, to compare before and after in one run.
 """
 
 from __future__ import annotations
@@ -82,14 +85,14 @@ class Run:
     stdout: str
 
 
-def run_measured(cmd: list[str]) -> Run:
+def run_measured(cmd: list[str], env: dict | None = None) -> Run:
     """Run `cmd`, sampling its RssAnon every 2 ms; wall time around the whole process.
 
     Pending writeback is flushed first (`sync`, not timed) so no run pays for an earlier one's.
     """
     os.sync()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     status = Path(f"/proc/{proc.pid}/status")
     peak_kb = 0
     while proc.poll() is None:
@@ -129,7 +132,8 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench_size(out: Path, name: str, repeat: int) -> dict:
+def bench_size(out: Path, name: str, repeat: int, trees: dict[str, Path]) -> dict:
+    """Interleaved rounds of cp, sha256, every loramill tree and PEFT; medians, ranges and per-round ratios."""
     base = ensure_base(out, name)
     adapter = ensure_adapter(out, name, base)
     scratch = out / "scratch"
@@ -137,31 +141,46 @@ def bench_size(out: Path, name: str, repeat: int) -> dict:
     scratch.mkdir()
     subprocess.run(["cp", "-r", str(base), str(scratch / "warm")], check=True)  # page cache warm
     shutil.rmtree(scratch / "warm")
-    runs: dict[str, list[Run]] = {"cp": [], "loramill": [], "peft": []}
-    merge_s, sha256_s = [], []
+    merges = {"loramill": None, **{f"loramill@{label}": tree for label, tree in trees.items()}}
+    runs: dict[str, list[Run]] = {"cp": [], **{k: [] for k in merges}, "peft": []}
+    itself: dict[str, list[float]] = {k: [] for k in merges}  # the CLI's own timer
+    sha256_s: list[float] = []
+    manifest = None
     for i in range(repeat):
-        runs["cp"].append(run_measured(["cp", "-r", str(base), str(scratch / f"cp{i}")]))
-        shutil.rmtree(scratch / f"cp{i}")
-        run = run_measured([str(BIN / "loramill"), "merge", "--base", str(base), "--adapter", str(adapter),
-                            "--out", str(scratch / f"lm{i}")])
-        runs["loramill"].append(run)
-        merge_s.append(float(re.search(r" in ([\d.]+) s", run.stdout)[1]))
+        runs["cp"].append(run_measured(["cp", "-r", str(base), str(scratch / "cp")]))
+        shutil.rmtree(scratch / "cp")
         sha256_s.append(float(re.search(r" in ([\d.]+) s", run_measured([sys.executable, "-c", SHA256_FLOOR, str(base)]).stdout)[1]))
-        if i == 0:
-            manifest = json.loads((scratch / f"lm{i}" / "loramill-manifest.json").read_text())
-        shutil.rmtree(scratch / f"lm{i}")
+        order = list(merges)[i % len(merges):] + list(merges)[:i % len(merges)]  # who goes first rotates
+        for key in order:
+            env = {**os.environ, "PYTHONPATH": str(merges[key])} if merges[key] else None
+            run = run_measured([str(BIN / "loramill"), "merge", "--base", str(base), "--adapter", str(adapter),
+                                "--out", str(scratch / "lm")], env=env)
+            runs[key].append(run)
+            itself[key].append(float(re.search(r" in ([\d.]+) s", run.stdout)[1]))
+            if manifest is None:
+                manifest = json.loads((scratch / "lm" / "loramill-manifest.json").read_text())
+            shutil.rmtree(scratch / "lm")
         if i < max(1, repeat - 1):  # PEFT is slow; one run fewer
-            runs["peft"].append(run_measured([sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(scratch / f"peft{i}")]))
-            shutil.rmtree(scratch / f"peft{i}")
+            runs["peft"].append(run_measured([sys.executable, "-c", PEFT_MERGE, str(base), str(adapter), str(scratch / "peft")]))
+            shutil.rmtree(scratch / "peft")
     shutil.rmtree(scratch)
-    med = {k: statistics.median(r.wall_s for r in v) for k, v in runs.items()}
-    peak = {k: max(r.peak_anon_mb for r in v) for k, v in runs.items()}
+    floor = [max(c.wall_s, h) for c, h in zip(runs["cp"], sha256_s, strict=True)]
     return {
         "size": name, "base_bytes": dir_bytes(base), "files": len(manifest["files"]),
         "largest_tensor_mb": largest_tensor_mb(base),
-        "wall_s": med, "merge_itself_s": statistics.median(merge_s), "sha256_s": statistics.median(sha256_s), "peak_anon_mb": peak,
+        "wall_s": {k: _spread(r.wall_s for r in v) for k, v in runs.items()},
+        "merge_itself_s": {k: _spread(v) for k, v in itself.items()},
+        "sha256_s": _spread(sha256_s),
+        "merge_over_floor": {k: _spread(m / f for m, f in zip(v, floor, strict=True)) for k, v in itself.items()},
+        "merge_over_cp": {k: _spread(m / c.wall_s for m, c in zip(v, runs["cp"], strict=True)) for k, v in itself.items()},
+        "peak_anon_mb": {k: max(r.peak_anon_mb for r in v) for k, v in runs.items()},
         "peft_detail": runs["peft"][0].stdout.strip(),
     }
+
+
+def _spread(values) -> dict:
+    values = list(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def largest_tensor_mb(base: Path) -> float:
@@ -171,20 +190,24 @@ def largest_tensor_mb(base: Path) -> float:
     return max(t.nbytes for t in read_checkpoint(base).values()) / 1e6
 
 
+def _range(x: dict, fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(x['median'])} ({fmt.format(x['min'])}-{fmt.format(x['max'])})"
+
+
 def report(results: list[dict]) -> None:
     print()
-    print(f"{'base':>6} {'GB':>6} | {'cp -r s':>8} {'loramill s':>10} {'(merge)':>8} {'PEFT s':>8} {'sha256 s':>8} | "
-          f"{'merge/cp':>8} {'sha256/cp':>9} {'PEFT/loramill':>13} | {'anon MB: cp':>11} {'loramill':>8} {'PEFT':>7} | "
-          "largest tensor MB")
+    print("medians over the rounds, (min-max) in brackets; ratios are taken per round, then summarised")
     for r in results:
-        w, p = r["wall_s"], r["peak_anon_mb"]
-        print(f"{r['size']:>6} {r['base_bytes'] / 1e9:6.2f} | {w['cp']:8.2f} {w['loramill']:10.2f} {r['merge_itself_s']:8.2f} "
-              f"{w['peft']:8.2f} {r['sha256_s']:8.2f} | {r['merge_itself_s'] / w['cp']:7.2f}x {r['sha256_s'] / w['cp']:8.2f}x "
-              f"{w['peft'] / w['loramill']:12.2f}x | "
-              f"{p['cp']:11.0f} {p['loramill']:8.0f} {p['peft']:7.0f} | {r['largest_tensor_mb']:.0f}")
-    for r in results:
-        print(f"PEFT ({r['size']}): {r['peft_detail']}")
-    print("targets: merge itself <= 2x cp; whole process >= 3x faster than PEFT; loramill peak anon memory flat across sizes")
+        w = r["wall_s"]
+        print(f"\n{r['size']}: {r['base_bytes'] / 1e9:.2f} GB, {r['files']} files, largest tensor {r['largest_tensor_mb']:.0f} MB")
+        print(f"  cp -r           {_range(w['cp'])} s     sha256 of the bytes alone {_range(r['sha256_s'])} s")
+        for key, itself in r["merge_itself_s"].items():
+            print(f"  {key:<15} merge itself {_range(itself)} s, whole process {_range(w[key])} s | "
+                  f"merge/cp {_range(r['merge_over_cp'][key])}x, merge/max(cp, sha256) {_range(r['merge_over_floor'][key])}x | "
+                  f"PEFT/whole {w['peft']['median'] / w[key]['median']:.2f}x | peak anon {r['peak_anon_mb'][key]:.0f} MB")
+        print(f"  PEFT            whole process {_range(w['peft'])} s, peak anon {r['peak_anon_mb']['peft']:.0f} MB ({r['peft_detail']})")
+    print("\ntargets: merge itself <= 1.2x max(cp, sha256); whole process >= 3x faster than PEFT; "
+          "loramill peak anon memory flat across sizes")
     print("sha256: hashing the base's bytes alone (one core, from the page cache), the floor for a merge whose manifest "
           "holds every file's sha256")
 
@@ -195,9 +218,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sizes", default="large,small")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=TREE",
+                        help="also time `loramill merge` from the source tree TREE (PYTHONPATH), reported as loramill@NAME")
     args = parser.parse_args()
+    trees = {}
+    for spec in args.also:
+        label, _, tree = spec.partition("=")
+        if not tree or not (Path(tree) / "merge" / "streaming.py").exists():
+            parser.error(f"--also {spec}: expected NAME=TREE with TREE a loramill source tree")
+        trees[label] = Path(tree).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    results = [bench_size(args.out, name, args.repeat) for name in args.sizes.split(",")]
+    results = [bench_size(args.out, name, args.repeat, trees) for name in args.sizes.split(",")]
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

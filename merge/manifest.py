@@ -44,7 +44,7 @@ def build_manifest(*, kind: str, base: BaseWeights, adapters: list[AdapterInfo],
         "adapters": [
             {"path": str(a.path.resolve()), "weight": w, "sha256": hash_file(a.file).sha256,
              "rank": a.max_rank, "modules": len(a.loras) + len(a.saved_modules)}
-            for a, w in zip(adapters, weights)
+            for a, w in zip(adapters, weights, strict=True)
         ],
         "method": method,
         "dtype": dtype,
@@ -56,6 +56,3 @@ def build_manifest(*, kind: str, base: BaseWeights, adapters: list[AdapterInfo],
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
 
-
-def read_manifest(out_dir: Path) -> dict:
-    return json.loads((Path(out_dir) / MANIFEST_NAME).read_text())

@@ -56,8 +56,13 @@ def _quantizable(name: str, shape: tuple[int, ...], dtype: str) -> bool:
         and "wpe" not in parts and "embed_positions" not in parts
 
 
-def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Int8Result:
-    """Write the int8 weight-only export of the (merged) checkpoint at `checkpoint_dir`."""
+def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                provenance: dict | None = None) -> Int8Result:
+    """Write the int8 weight-only export of the (merged) checkpoint at `checkpoint_dir`.
+
+    The manifest's `source` is `provenance` when given (what the merge that made the checkpoint
+    did: base, adapters, method, dtype), else the checkpoint's path.
+    """
     src = Path(checkpoint_dir)
     tensors = read_checkpoint(src)
     config = read_config(src)
@@ -76,8 +81,7 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
         else:
             entries.append(Entry(name, info.dtype, info.shape))
     with atomic_directory(Path(out_dir), overwrite=overwrite) as tmp:
-        file = HashingFile(tmp / "model-00001-of-00001.safetensors")
-        try:
+        with HashingFile(tmp / "model-00001-of-00001.safetensors") as file:
             ordered = order_for_alignment(entries)
             file.write(header_bytes(ordered))
             handles: dict[Path, object] = {}
@@ -97,9 +101,7 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
                 file.write(scale if entry.name.endswith(SCALE_SUFFIX) else q)
             for f in handles.values():
                 f.close()
-        finally:
-            file.close()
-        records = [file.record()]
+            records = [file.record()]
         weight_map = {e.name: file.path.name for e in sorted(entries, key=lambda e: e.name)}
         total = sum(e.nbytes for e in entries)
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
@@ -109,7 +111,7 @@ def export_int8(checkpoint_dir: str | Path, out_dir: str | Path, *, overwrite: b
             if path.is_file() and not path.name.endswith(".safetensors") and path.name not in (INDEX_NAME, MANIFEST_NAME):
                 (tmp / path.name).write_bytes(path.read_bytes())
         records += [hash_file(p) for p in sorted(tmp.iterdir()) if p.name != file.path.name]
-        write_manifest(tmp, {"format": "loramill-int8/1", "source": str(src.resolve()),
+        write_manifest(tmp, {"format": "loramill-int8/1", "source": provenance or {"path": str(src.resolve())},
                              "files": [{"name": r.name, "size": r.size, "sha256": r.sha256} for r in records]})
     return Int8Result(Path(out_dir), sorted(quantized), sum(t.nbytes for t in tensors.values()), total)
 

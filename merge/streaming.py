@@ -2,15 +2,21 @@
 
 The base is read by its safetensors headers; each output tensor is produced in row blocks
 (read the block, add the combined delta, round once to the output dtype, write), so memory
-holds a few blocks, never the model. Untouched tensors are copied byte for byte from the
-memory-mapped base. Every delta is computed in float32 (see `merge.deltas`), added to the
-base block in float32, and cast once to the output dtype.
+holds a few blocks, never the model. Untouched tensors are copied byte for byte by the kernel
+(`copy_file_range`, as `cp` does). Every delta is the float32 rounding of an exact product (see
+`merge.deltas`), so the bytes do not depend on the machine; it is added to the base block in
+float32 and the sum cast once to the output dtype.
+
+Two threads share the work: this one computes; one per file hashes; the writing and copying go
+to whichever has time (`HashingFile`), and this thread never waits for the hash. Within a shard
+the copied tensors come first: a copy costs little and its hash a lot, so the hash thread has a
+backlog to work through while the blocks after it are computed, and no copy is left at the end.
 
 Output (Hugging Face layout, in a temporary directory renamed when complete):
 `model-0000N-of-0000M.safetensors`, `model.safetensors.index.json`, `config.json` (dtype, and
 `tie_word_embeddings: false` when a tied head was written separately), every other non-weight
 file of the base (tokenizer, generation config, chat template), `loramill-manifest.json`.
-With `method="svd"` the output is a PEFT adapter directory instead.
+With a method that `writes_adapter` (`svd`) the output is a PEFT adapter directory instead.
 """
 
 from __future__ import annotations
@@ -30,24 +36,21 @@ from threadpoolctl import threadpool_limits
 from adapters.checkpoint import DTYPE_BYTES, INDEX_NAME, PICKLE_SUFFIXES, TensorInfo, resolve_model_dir
 from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
-from adapters.peft_format import (
-    CONFIG_NAME as ADAPTER_CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME,
-    AdapterInfo, BaseWeights, LoraBinding, bind_adapter, read_adapter, read_base,
-)
-from merge.deltas import LoraDelta
+from adapters.peft_format import AdapterInfo, BaseWeights, LoraBinding, bind_adapter, read_adapter, read_base
+from merge.deltas import PRODUCT_ELEMENTS, LoraDelta
 from merge.manifest import MANIFEST_NAME, build_manifest, write_manifest
-from merge.methods import MergeMethod, Svd, make_method
+from merge.methods import MergeMethod, make_method
+from merge.options import DTYPE_CHOICES, OUTPUT_DTYPES, SEED
 from merge.tensorio import (
-    FLOAT_CODES, OUTPUT_DTYPES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw,
-    to_float32,
+    FLOAT_CODES, STORAGE, all_finite, from_float32, is_finite, map_rows, read_float32, read_raw, to_float32,
 )
 from merge.writer import (
     BufferPool, Entry, FileRecord, HashingFile, hash_file, header_bytes, order_for_alignment, parse_size,
 )
 
-BLOCK_ELEMENTS = 1024 * 1024  # rows per block: at most this many elements (4 MB in float32), cache-sized
-POOL_BLOCKS = 8  # output blocks in flight between the computing thread and the hash thread
-COPY_BYTES = 64 * 1024 * 1024  # untouched tensors are copied in slices of this size
+BLOCK_ELEMENTS = 256 * 1024  # rows per block: at most this many elements (1 MB in float32), cache-sized
+POOL_BLOCKS = 16  # block buffers the hash thread may hold, to hash them while they are still in cache
+COPY_BYTES = 8 * 1024 * 1024  # untouched tensors are copied in slices of this size
 Progress = Callable[[int, int], bool | None]  # (bytes done, bytes total) -> True to cancel the merge
 
 
@@ -93,6 +96,11 @@ class _Output:
     def entry(self) -> Entry:
         return Entry(self.name, self.dtype, self.source.shape)
 
+    @property
+    def copied(self) -> bool:
+        """Written byte for byte from the base (nothing added, same dtype)."""
+        return not self.tasks and self.dtype == self.source.dtype
+
 
 def _check_weights(adapters: list[AdapterRef]) -> list[float]:
     if not adapters:
@@ -114,7 +122,7 @@ def _output_dtype(dtype: str) -> str | None:
     if dtype == "auto":
         return None
     if dtype not in OUTPUT_DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; expected auto, {', '.join(OUTPUT_DTYPES)}", param="dtype")
+        raise InputError(f"unknown dtype {dtype!r}; expected {', '.join(DTYPE_CHOICES)}", param="dtype")
     return OUTPUT_DTYPES[dtype]
 
 
@@ -122,7 +130,7 @@ def _plan(base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[Lo
           weights: list[float], out_dtype: str | None) -> tuple[list[_Output], bool]:
     """Every output tensor in base file order; unties a tied head that an adapter touches."""
     tasks: dict[str, list[_Task]] = {}
-    for i, (adapter, bound) in enumerate(zip(adapters, bindings)):
+    for i, (adapter, bound) in enumerate(zip(adapters, bindings, strict=True)):
         for b in bound:
             tasks.setdefault(b.tensor, []).append(_Task(i, weights[i], lora=b))
         for tensor, info in adapter.saved_modules.items():
@@ -161,11 +169,14 @@ def _check_adapters_finite(adapters: list[AdapterInfo]) -> None:
 class _Merger:
     """Produces output tensors block by block from open base files.
 
-    A block is at most `BLOCK_ELEMENTS` elements of whole rows. Its stored bytes are produced in
-    a buffer taken from a `BufferPool` and handed to the file, whose hash thread gives it back
-    once hashed; deltas go to reusable float32 scratch arrays. Nothing is allocated per block, so
-    memory is `POOL_BLOCKS + 1 + adapters` blocks whatever the model's size. Methods that need a
-    whole tensor at once (`ties`, `dare_*`) work on whole tensors instead.
+    A block is at most `BLOCK_ELEMENTS` elements of whole rows, cache-sized. Its stored bytes are
+    produced in a buffer from a `BufferPool` and handed to the file, which writes and hashes it
+    and gives it back; when the pool is out, in a spare buffer that is written at once and hashed
+    later from the page cache, so computing never waits for hashing (see `HashingFile`). Deltas
+    go to reusable float32 scratch arrays and their exact products to one float64 scratch.
+    Nothing is allocated per block, so memory is `POOL_BLOCKS + 2 + adapters` blocks whatever
+    the model's size. Methods that need a whole tensor at once (`ties`, `dare_*`) work on whole
+    tensors instead.
     """
 
     def __init__(self, method: MergeMethod, stack: ExitStack):
@@ -173,8 +184,10 @@ class _Merger:
         self.stack = stack
         self.files: dict[Path, object] = {}
         self.maps: dict[Path, mmap.mmap] = {}
-        self.pool = BufferPool(POOL_BLOCKS, BLOCK_ELEMENTS * 4)
+        self.pool = BufferPool(POOL_BLOCKS, BLOCK_ELEMENTS * 4)  # blocks handed to the hash thread
+        self.spare = np.empty(BLOCK_ELEMENTS * 4, dtype=np.uint8)  # when the pool is out: written, reused at once
         self.scratch: list[np.ndarray] = []  # float32: [0] base values when converted, [1:] deltas
+        self.products = np.empty(PRODUCT_ELEMENTS)  # float64: exact delta rows before their one rounding
 
     def _file(self, path: Path):
         if path not in self.files:
@@ -183,7 +196,7 @@ class _Merger:
 
     def _map(self, path: Path) -> mmap.mmap:
         if path not in self.maps:
-            # Not closed explicitly: buffers being hashed may still reference it; freed with the merger.
+            # Not closed explicitly: views being hashed may still reference it; freed with the merger.
             self.maps[path] = mmap.mmap(self._file(path).fileno(), 0, access=mmap.ACCESS_READ)
         return self.maps[path]
 
@@ -195,28 +208,27 @@ class _Merger:
 
     def write_tensor(self, out: _Output, file: HashingFile, advance: Callable[[int], None]) -> None:
         src = out.source
-        if not out.tasks and out.dtype == src.dtype:  # untouched: kernel copy, hashed from the map
-            view = memoryview(self._map(src.file))
+        if out.copied:  # a kernel copy, as `cp` makes
             end = src.data_offset + src.nbytes
+            view = memoryview(self._map(src.file))
             for start in range(src.data_offset, end, COPY_BYTES):
                 stop = min(start + COPY_BYTES, end)
-                file.copy_range(self._file(src.file).fileno(), start, view[start:stop])
+                file.copy_range(self._file(src.file).fileno(), start, stop - start, view[start:stop])
                 advance(stop - start)
             return
         rows = src.shape[0] if src.shape else 1
         row_items = max(src.numel, 1) // rows
-        pooled = row_items <= BLOCK_ELEMENTS and (self.method.elementwise or not out.tasks)
-        step = BLOCK_ELEMENTS // row_items if pooled else rows
+        blocked = row_items <= BLOCK_ELEMENTS and (self.method.elementwise or not out.tasks)
+        step = BLOCK_ELEMENTS // row_items if blocked else rows
         loras = {id(t): LoraDelta.load(t.lora) for t in out.tasks if t.lora is not None}
         for first in range(0, rows, step):
-            last = min(first + step, rows)
-            if pooled:
-                buffer = self.pool.take()
-                stored = self._block(out, first, last, loras, buffer)
-                file.write(stored, hashed=lambda buffer=buffer: self.pool.give(buffer))
+            held = self.pool.take() if blocked else None
+            buffer = held if held is not None else self.spare if blocked else None
+            stored = self._block(out, first, min(first + step, rows), loras, buffer)
+            if held is not None:
+                file.write(stored, hashed=lambda held=held: self.pool.give(held))
             else:
-                stored = self._block(out, first, last, loras, None)
-                file.write(stored)
+                file.write(stored)  # hashed back from the page cache
             advance(stored.nbytes)
 
     def _block(self, out: _Output, first: int, last: int, loras: dict[int, LoraDelta],
@@ -240,8 +252,8 @@ class _Merger:
             target = self._work(0, count).reshape(raw.shape) if buffer is not None else np.empty(raw.shape, np.float32)
         tasks = out.tasks
         if not tasks:
-            values = to_float32(raw, src.dtype, out=target)
-        elif self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
+            return from_float32(to_float32(raw, src.dtype, out=target), out.dtype, out=stored_out)
+        if self.method.exact and len(tasks) == 1 and tasks[0].saved is not None and tasks[0].weight == 1.0:
             values = self._saved_rows(tasks[0].saved, first, last)  # written as trained, not W + (W' - W)
         else:
             base_values = to_float32(raw, src.dtype, out=target)  # float32 sources: the mapped bytes themselves
@@ -249,15 +261,14 @@ class _Merger:
             for i, t in enumerate(tasks):
                 if t.lora is not None:
                     rows_out = self._work(i + 1, count).reshape(raw.shape) if buffer is not None else None
-                    deltas.append(loras[id(t)].rows(first, last, out=rows_out))
+                    deltas.append(loras[id(t)].rows(first, last, out=rows_out, scratch=self.products))
                 else:
                     deltas.append(self._saved_rows(t.saved, first, last) - base_values)
             values = np.add(base_values, self.method.combine(deltas, [t.weight for t in tasks], out.name), out=target)
-            if not all_finite(values):
-                raise InputError(f"merged tensor {out.name!r} contains NaN or inf; the output was discarded")
         stored = from_float32(values, out.dtype, out=stored_out)
-        if tasks and out.dtype != "F32" and not is_finite(stored, out.dtype):
-            raise InputError(f"merged tensor {out.name!r} overflows {out.dtype}; the output was discarded")
+        if not is_finite(stored, out.dtype):
+            problem = f"overflows {out.dtype}" if all_finite(values) else "contains NaN or inf"
+            raise InputError(f"merged tensor {out.name!r} {problem}; the output was discarded")
         return stored
 
     def _saved_rows(self, saved: TensorInfo, first: int, last: int) -> np.ndarray:
@@ -267,8 +278,8 @@ class _Merger:
 def _blas_threads() -> int:
     """BLAS threads for the delta products: every core but the one the sha256 thread needs.
 
-    sha256 (about 1.4 GB/s) is the slowest stage; idle BLAS threads spin for a while after each
-    product, and on a small machine they would take its core.
+    sha256 is the slowest stage; idle BLAS threads spin for a while after each product, and on a
+    small machine they would take its core.
     """
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
@@ -310,84 +321,39 @@ def _write_checkpoint(tmp: Path, base: BaseWeights, outputs: list[_Output], shar
             raise MergeCancelled(f"cancelled after {done} of {total} bytes")
 
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    files: list[HashingFile] = []
     with ExitStack() as stack:
         merger = _Merger(method, stack)
-        try:
-            for name, shard in zip(names, shards):
-                ordered = order_for_alignment(shard)
-                file = HashingFile(tmp / name)
-                files.append(file)
-                file.write(header_bytes([o.entry for o in ordered]))
-                for out in ordered:
-                    merger.write_tensor(out, file, advance)
-                file.close()
-            records = [f.record() for f in files]
-        finally:
-            for f in files:
-                f.close()
+        files = []
+        for name, shard in zip(names, shards, strict=True):
+            ordered = order_for_alignment(sorted(shard, key=lambda o: not o.copied))
+            file = stack.enter_context(HashingFile(tmp / name))
+            files.append(file)
+            file.write(header_bytes([o.entry for o in ordered]))
+            for out in ordered:
+                merger.write_tensor(out, file, advance)
+            file.close()  # its hash finishes while the next shard is written
+        records = [f.record() for f in files]
     index = {"metadata": {"total_size": total},
              "weight_map": {o.name: names[i] for i, shard in enumerate(shards) for o in sorted(shard, key=lambda o: o.name)}}
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return records + [hash_file(tmp / INDEX_NAME)]
 
 
-def _write_svd_adapter(tmp: Path, base: BaseWeights, adapters: list[AdapterInfo], bindings: list[list[LoraBinding]],
-                       weights: list[float], method: Svd, out_dtype: str | None) -> list[FileRecord]:
-    """One PEFT adapter whose `B' A'` is the best rank-`rank` approximation of `Σ wᵢ sᵢ Bᵢ Aᵢ`."""
-    dtype = out_dtype or "F32"
-    by_module: dict[str, list[tuple[LoraBinding, float]]] = {}
-    for bound, w in zip(bindings, weights):
-        for b in bound:
-            by_module.setdefault(b.lora.module, []).append((b, w))
-    tensors: list[tuple[Entry, np.ndarray]] = []
-    for module, items in sorted(by_module.items()):
-        kinds = {b.lora.kind for b, _ in items}
-        if len(kinds) > 1:
-            raise InputError(f"adapters disagree on whether {module!r} is an embedding; cannot combine them")
-        b_new, a_new = method.factor([LoraDelta.load(b).factors(b.transposed) for b, _ in items], [w for _, w in items])
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kinds == {"embedding"} else ("lora_A.weight", "lora_B.weight")
-        for key, value in ((a_key, a_new), (b_key, b_new)):
-            tensors.append((Entry(f"{KEY_PREFIX}{module}.{key}", dtype, value.shape), value))
-    saved_tensors: dict[str, list[tuple[int, TensorInfo]]] = {}
-    for i, adapter in enumerate(adapters):
-        for name, info in adapter.saved_modules.items():
-            saved_tensors.setdefault(name, []).append((i, info))
-    for name, items in sorted(saved_tensors.items()):
-        base_values = read_float32(base.find(name))
-        if len(items) == 1 and weights[items[0][0]] == 1.0:
-            value = read_float32(items[0][1])
-        else:
-            value = base_values + method.combine([read_float32(info) - base_values for _, info in items],
-                                                 [weights[i] for i, _ in items], name)
-        tensors.append((Entry(f"{KEY_PREFIX}{name}", dtype, value.shape), value))
-    modules_to_save = sorted({name.rsplit(".", 1)[0] for name in saved_tensors})
-    file = HashingFile(tmp / ADAPTER_WEIGHTS_NAME)
-    try:
-        file.write(header_bytes([e for e, _ in tensors]))
-        for entry, value in tensors:
-            stored = np.ascontiguousarray(from_float32(np.ascontiguousarray(value, dtype=np.float32), dtype))
-            if not is_finite(stored, dtype):
-                raise InputError(f"re-factored tensor {entry.name!r} contains NaN or inf; nothing was written")
-            file.write(stored)
-    finally:
-        file.close()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base.path.resolve()),
-        "r": method.rank, "lora_alpha": method.rank, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "target_modules": sorted(by_module), "modules_to_save": modules_to_save or None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True, "init_lora_weights": True,
-    }
-    (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return [file.record(), hash_file(tmp / ADAPTER_CONFIG_NAME)]
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty `out_dir` unless `overwrite` (before any work, not after it)."""
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"output {out_dir} already exists (pass --overwrite to replace it)", param="out")
 
 
-def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: str | Path, *, method: str = "linear",
-                    dtype: str = "auto", max_shard_size: str | int = "2GB", density: float | None = None,
-                    drop_rate: float | None = None, rank: int | None = None, seed: int = 0, overwrite: bool = False,
-                    progress: Progress | None = None, durable: bool = False,
+def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: str | Path, *,
+                    method: str | MergeMethod = "linear", dtype: str = "auto", max_shard_size: str | int = "2GB",
+                    density: float | None = None, drop_rate: float | None = None, rank: int | None = None,
+                    seed: int | None = None, overwrite: bool = False, progress: Progress | None = None, durable: bool = False,
                     before_commit: Callable[[Path], None] | None = None) -> MergeResult:
     """Merge `adapters` into the base checkpoint at `base_dir`, writing `out_dir`.
+
+    `method`: a registry name with its options (`density`, `drop_rate`, `rank`, `seed`; see
+    `merge.methods`), or a `MergeMethod` already built (then those options are not given).
 
     Every input is checked (by headers) before anything is written; `before_commit(tmp_dir)`
     runs on the complete output before it is renamed into place (e.g. verification) and may
@@ -397,19 +363,24 @@ def merge_streaming(base_dir: str | Path, adapters: list[AdapterRef], out_dir: s
     output before it is renamed into place (see `atomic_directory`).
     """
     weights = _check_weights(adapters)
-    merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank, seed=seed)
+    if isinstance(method, MergeMethod):
+        if (density, drop_rate, rank, seed) != (None, None, None, None):
+            raise TypeError("give a built MergeMethod without options, or a method name with them")
+        merge_method = method
+    else:
+        merge_method = make_method(method, density=density, drop_rate=drop_rate, rank=rank,
+                                   seed=SEED.default if seed is None else seed)
     out_dtype = _output_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"output {out_dir} already exists (pass --overwrite to replace it)", param="out")
+    check_output(out_dir, overwrite)
     base = read_base(resolve_model_dir(base_dir))
     infos = [read_adapter(ref.path) for ref in adapters]
     bindings = [bind_adapter(info, base) for info in infos]
     _check_adapters_finite(infos)
     with atomic_directory(out_dir, overwrite=overwrite, durable=durable) as tmp:
-        if isinstance(merge_method, Svd):
-            records = _write_svd_adapter(tmp, base, infos, bindings, weights, merge_method, out_dtype)
+        if merge_method.writes_adapter:
+            records = merge_method.write_adapter(tmp, base, infos, bindings, weights, out_dtype)
             kind, untie = "adapter", False
         else:
             outputs, untie = _plan(base, infos, bindings, weights, out_dtype)

@@ -17,7 +17,6 @@ STORAGE = {  # safetensors dtype -> numpy dtype of the stored bytes
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")
-OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def _row_span(info: TensorInfo, first_row: int, last_row: int | None) -> tuple[type, int, int, tuple[int, ...]]:
@@ -97,6 +96,8 @@ def is_finite(stored: np.ndarray, dtype: str) -> bool:
     """True when no element of the stored array is NaN or infinite."""
     if dtype == "BF16":
         return not bool(np.any((stored & np.uint16(0x7F80)) == np.uint16(0x7F80)))
+    if dtype == "F32":
+        return all_finite(stored)
     return bool(np.isfinite(stored).all())
 
 

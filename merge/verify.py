@@ -3,11 +3,13 @@ merged output, and compare.
 
 The reference is the base in float32 with every adapter active at once, each LoRA's scaling
 multiplied by its merge weight: exactly `W + Σ wᵢ sᵢ Bᵢ Aᵢ` applied on the fly. The candidate is
-the written checkpoint loaded with plain `transformers` in its stored dtype (or, for an `svd`
-output, the base with the written adapter). Reported: the max absolute logit difference and the
+the written checkpoint loaded with plain `transformers` in its stored dtype (or, for a method
+that writes an adapter, the base with the written adapter). Reported: the max absolute logit difference and the
 perplexity of each on the probe. For exact methods (`linear`, `svd` at a rank that holds every
 input) a difference above `RTOL[dtype] · max(1, max |reference logit|)` fails; for the others
 (`ties`, `dare_*`, truncated `svd`) the figures are reported only.
+
+`measure_int8` reports what an int8 export of a merged checkpoint costs, on the same probe.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import InputError
-from adapters.peft_format import CONFIG_NAME as ADAPTER_CONFIG_NAME, read_adapter
+from adapters.peft_format import read_adapter
+from merge.methods import MergeMethod
 
 RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 PROBE_TEXT = (
@@ -91,19 +94,23 @@ def _reference(base_dir: Path, adapters):
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=names[0])
-    for name, ref in zip(names[1:], adapters[1:]):
+    for name, ref in zip(names[1:], adapters[1:], strict=True):
         model.load_adapter(str(ref.path), adapter_name=name)
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            for name, ref in zip(names, adapters):
+            for name, ref in zip(names, adapters, strict=True):
                 if name in module.scaling:
                     module.scaling[name] *= float(ref.weight)
     model.base_model.set_adapter(names)
     return model.eval(), infos
 
 
-def verify_merge(base_dir: str | Path, adapters, out_dir: str | Path, *, method: str = "linear") -> VerifyReport:
-    """Compare the merged output in `out_dir` with `base_dir` + `adapters` (`AdapterRef`s) unmerged."""
+def verify_merge(base_dir: str | Path, adapters, out_dir: str | Path, *, method: MergeMethod) -> VerifyReport:
+    """Compare the merged output in `out_dir` with `base_dir` + `adapters` (`AdapterRef`s) unmerged.
+
+    `method` is the one that wrote `out_dir`: its `writes_adapter` says how to load the output,
+    its `exact_for(ranks)` whether a difference beyond tolerance fails.
+    """
     import transformers
 
     from adapters.checkpoint import resolve_model_dir
@@ -116,20 +123,18 @@ def verify_merge(base_dir: str | Path, adapters, out_dir: str | Path, *, method:
         return _compare(base_dir, adapters, out_dir, method)
 
 
-def _compare(base_dir: Path, adapters, out_dir: Path, method: str) -> VerifyReport:
+def _compare(base_dir: Path, adapters, out_dir: Path, method: MergeMethod) -> VerifyReport:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     reference, infos = _reference(base_dir, adapters)
-    if (out_dir / ADAPTER_CONFIG_NAME).exists():
+    if method.writes_adapter:
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
         merged = PeftModel.from_pretrained(base, str(out_dir)).eval()
-        rank = read_adapter(out_dir).max_rank
-        exact = rank >= sum(info.max_rank for info in infos)
     else:
         merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype="auto").eval()
-        exact = method == "linear"
+    exact = method.exact_for([info.max_rank for info in infos])
     dtype = str(next(merged.parameters()).dtype).removeprefix("torch.")
     ids = _probe_ids(base_dir, reference.config.vocab_size)
     ref_logits, ref_ppl = _logits_and_perplexity(reference, ids)
@@ -137,3 +142,37 @@ def _compare(base_dir: Path, adapters, out_dir: Path, method: str) -> VerifyRepo
     diff = (ref_logits - out_logits).abs().max().item()
     tolerance = RTOL.get(dtype, RTOL["bfloat16"]) * max(1.0, ref_logits.abs().max().item()) if exact else None
     return VerifyReport(diff, tolerance, ref_ppl, out_ppl, dtype)
+
+
+@dataclass(frozen=True)
+class Int8Report:
+    """What an int8 export costs: its size and the probe's perplexity before and after."""
+
+    quantized: int  # tensors stored as int8
+    bytes_before: int
+    bytes_after: int
+    merged_perplexity: float  # the merged checkpoint, float32
+    int8_perplexity: float  # its int8 export, dequantized to float32
+
+    def summary(self) -> str:
+        change = (self.int8_perplexity / self.merged_perplexity - 1) * 100
+        return (f"int8: {self.quantized} tensors quantized, {self.bytes_before / 1e9:.3f} GB -> "
+                f"{self.bytes_after / 1e9:.3f} GB; perplexity on probe: merged {self.merged_perplexity:.4f}, "
+                f"int8 {self.int8_perplexity:.4f} ({change:+.2f}%)")
+
+
+def measure_int8(merged_dir: str | Path, exported) -> Int8Report:
+    """Probe perplexity of the merged checkpoint at `merged_dir` and of its int8 export (`quantize.Int8Result`)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from merge.quantize import load_int8
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    ids = _probe_ids(Path(merged_dir), merged.config.vocab_size)
+    _, merged_ppl = _logits_and_perplexity(merged, ids)
+    _, int8_ppl = _logits_and_perplexity(load_int8(exported.out_dir), ids)
+    return Int8Report(len(exported.quantized), exported.bytes_before, exported.bytes_after, merged_ppl, int8_ppl)

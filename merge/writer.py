@@ -5,17 +5,17 @@ multiple of 8) + the tensors' bytes, back to back in header order. Since every o
 and dtype is known before any data is computed, the header is written first and tensors are
 streamed after it, one block at a time; nothing is ever held whole in memory.
 
-The sha256 runs in a thread fed with the same buffers the file receives (hashlib releases the
-GIL), so hashing overlaps writing and computing; a shard's hash may finish while the next shard
-is being written. sha256 is the slowest stage of a merge (about 1.4 GB/s per core with SHA-NI),
-so the computing thread must never make it wait: blocks come from a `BufferPool` of reusable
-buffers that the hash thread hands back once hashed, and the producer runs ahead by the pool's size.
+The sha256 runs in a thread per file (hashlib releases the GIL), so hashing overlaps writing and
+computing; a shard's hash may finish while the next shard is being written. sha256 is the
+slowest stage of a merge (one core per file: it cannot be split within a file), so the thread
+is kept fed and the other work is shared out between the two sides (see `HashingFile`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import re
@@ -88,10 +88,9 @@ class FileRecord:
 
 
 class BufferPool:
-    """`count` reusable byte buffers of `nbytes` each: `take()` waits for a free one, `give()` returns it.
+    """`count` reusable byte buffers of `nbytes` each: `take()` returns a free one or None, `give()` returns it.
 
-    Memory stays at `count × nbytes` however much is written, and no block pays for fresh pages
-    (first-touch page faults of a new 16 MB array cost more than the arithmetic done in it).
+    Memory stays at `count × nbytes` however much is written, and no block pays for fresh pages.
     """
 
     def __init__(self, count: int, nbytes: int):
@@ -99,66 +98,154 @@ class BufferPool:
         for _ in range(count):
             self._free.put(np.empty(nbytes, dtype=np.uint8))
 
-    def take(self) -> np.ndarray:
-        return self._free.get()
+    def take(self) -> np.ndarray | None:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
 
     def give(self, buffer: np.ndarray) -> None:
         self._free.put(buffer)
 
 
 class HashingFile:
-    """A binary file written sequentially while a thread computes its sha256.
+    """A file written piece by piece while a thread computes its sha256, in file order.
 
-    `write(buffer, hashed=None)` writes user-space bytes and calls `hashed()` from the hash thread
-    once they are hashed (e.g. `lambda: pool.give(buffer)`); `copy_range(fd, offset, view)` has
-    the kernel copy `len(view)` bytes from another file (`copy_file_range`, like `cp`) while the
-    thread hashes `view`, a memory map of the same bytes. `close()` closes the file; `record()`
-    waits for the hash. Buffers must not change until hashed.
+    - `write(data)`: the bytes are written at once and the caller may reuse `data`; the thread
+      hashes them later, reading them back through a memory map of the file (page cache).
+    - `write(data, hashed)`: the caller keeps `data` unchanged until the thread has hashed it from
+      memory, while it is likely still in cache, and calls `hashed()`; e.g. a pooled buffer.
+    - `copy_range(fd, offset, length, view)`: `length` bytes of another file, by a kernel copy
+      (`copy_file_range`, like `cp`); `view` maps the same bytes and is what the thread hashes.
+
+    The caller never waits for the thread: bytes it does not hold are read back from the page
+    cache, so its lead costs no memory. Writing and copying are shared out as they come: when the
+    thread has less than `HANDOVER` bytes queued it is about to run out of work, and a held write
+    or a copy is left to it (it writes or copies the bytes, then hashes them, when it gets there);
+    otherwise the caller does it at once. So the copying and writing go to whichever side has time,
+    and on a machine where sha256 takes one core the other core's work is what remains. Every
+    piece has its offset fixed when it is handed in, so pieces left to the thread leave gaps that
+    later writes go past.
+
+    `close()` ends the writing, `record()` waits for the hash and returns it; used as a context
+    manager, an exception abandons the hash (the file is being discarded).
     """
+
+    HANDOVER = 4 * 1024 * 1024
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "wb", buffering=0)
-        self._size = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        self._reader = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._size = 0  # bytes placed, by either side
+        self._queued = 0  # bytes handed to the thread (the writer's count) ...
+        self._hashed = 0  # ... and hashed (the thread's count)
         self._hash = hashlib.sha256()
-        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._closed = self._abandoned = False
         self._thread = threading.Thread(target=self._run, name=f"sha256-{self.path.name}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            view, hashed = item
-            self._hash.update(view)
-            if hashed is not None:
-                hashed()
+            kind, data, arg, nbytes = item
+            try:
+                if self._error is None and not self._abandoned:
+                    if kind == "copy":
+                        _copy(*arg, self._fd)
+                    elif kind == "write":
+                        _write(self._fd, data, arg[0])
+                    if kind == "range":
+                        self._hash_range(arg, nbytes)
+                    else:
+                        self._hash.update(data)
+            except BaseException as exc:  # reported by record(); buffers keep coming back to their pool
+                self._error = exc
+            if kind in ("write", "held"):
+                arg[-1]()
+            self._hashed += nbytes
+
+    def _hash_range(self, offset: int, length: int) -> None:
+        """Hash bytes already in the file, from the page cache."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        with mmap.mmap(self._reader, offset + length - start, offset=start, prot=mmap.PROT_READ,
+                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mapped:
+            with memoryview(mapped) as view, view[offset - start:] as written:
+                self._hash.update(written)
+
+    def _put(self, kind: str, data, arg, nbytes: int) -> None:
+        self._queued += nbytes
+        self._queue.put((kind, data, arg, nbytes))
+
+    def _short_of_work(self) -> bool:
+        return self._queued - self._hashed < self.HANDOVER
 
     def write(self, data, hashed: Callable[[], None] | None = None) -> None:
         view = memoryview(data).cast("B")
-        done = 0
-        while done < view.nbytes:
-            done += self._file.write(view[done:])
+        offset = self._size
         self._size += view.nbytes
-        self._queue.put((view, hashed))
+        if hashed is not None and self._short_of_work():
+            self._put("write", view, (offset, hashed), view.nbytes)
+            return
+        _write(self._fd, view, offset)
+        if hashed is None:
+            view.release()
+            self._put("range", None, offset, self._size - offset)
+        else:
+            self._put("held", view, (hashed,), view.nbytes)
 
-    def copy_range(self, src_fd: int, offset: int, view: memoryview) -> None:
-        done = 0
-        while done < view.nbytes:
-            copied = os.copy_file_range(src_fd, self._file.fileno(), view.nbytes - done, offset + done)
-            if copied == 0:
-                raise InputError(f"{self.path.name}: source ended early while copying")
-            done += copied
-        self._size += view.nbytes
-        self._queue.put((view, None))
+    def copy_range(self, src_fd: int, offset: int, length: int, view: memoryview) -> None:
+        job = (src_fd, offset, self._size, length)
+        self._size += length
+        if self._short_of_work():
+            self._put("copy", view, job, length)
+        else:
+            _copy(*job, self._fd)
+            self._put("view", view, None, length)
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        """No more writes: the thread finishes its copies and the hash in the background (`record()` waits)."""
+        if not self._closed:
+            self._closed = True
             self._queue.put(None)
 
-    def record(self) -> FileRecord:
+    def _finish(self) -> None:
         self.close()
         self._thread.join()
+        for fd in (self._fd, self._reader):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._reader = -1
+
+    def record(self) -> FileRecord:
+        self._finish()
+        if self._error is not None:
+            raise self._error
         return FileRecord(self.path.name, self._size, self._hash.hexdigest())
+
+    def __enter__(self) -> "HashingFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._abandoned = True
+            self._finish()
+
+
+def _write(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _copy(src_fd: int, src_offset: int, dst_offset: int, length: int, dst_fd: int) -> None:
+    done = 0
+    while done < length:
+        copied = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
+        if copied == 0:
+            raise InputError("a source file ended early while copying")
+        done += copied
 
 
 def hash_file(path: Path) -> FileRecord:

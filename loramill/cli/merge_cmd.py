@@ -1,18 +1,27 @@
-"""`loramill merge`: adapters into a new checkpoint (or, with --method svd, one new adapter).
+"""`loramill merge`: adapters into a new checkpoint (or, with a method that writes one, a new adapter).
 
-Torch-free unless --verify: the merge runs on numpy, so the whole process stays close to the
-time of copying the checkpoint.
+The choices and method options come from the merge registry (`merge.methods.METHODS`, each
+method's declared parameters) and `merge.options`. Torch-free unless --verify or --int8: the
+merge runs on numpy, so the whole process stays close to the time of copying the checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-METHOD_NAMES = ("linear", "ties", "dare_linear", "dare_ties", "svd")
+from merge.methods import DEFAULT_METHOD, METHODS
+from merge.options import DTYPE_CHOICES, SEED
+
+PARAMETERS = {p.name: p for method in METHODS.values() for p in method.parameters}  # --density, --rank, ...
+USERS = {name: [m.name for m in METHODS.values() if name in {p.name for p in m.parameters}] for name in PARAMETERS}
+SEED_USERS = [m.name for m in METHODS.values() if m.uses_seed]
 
 
 def register(main: click.Group) -> None:
@@ -32,56 +41,109 @@ def _adapter_ref(spec: str):
         raise InputError(f"adapter weight {weight!r} in --adapter {spec} is not a number", param="adapter") from None
 
 
+def _method_options(command):
+    """One click option per parameter any method declares; None when not given (the method's default applies)."""
+    for p in reversed(PARAMETERS.values()):
+        default = f", default {p.default}" if p.default is not None else ""
+        command = click.option(p.flag, p.name, type=p.type, default=None,
+                               help=f"{', '.join(USERS[p.name])}: {p.help} ({p.range_text()}{default}).")(command)
+    return command
+
+
 @click.command()
 @click.option("--base", required=True, help="Base checkpoint directory (or hub id).")
 @click.option("--adapter", "adapters", multiple=True, required=True, metavar="DIR[:WEIGHT]",
               help="PEFT adapter directory, optionally with its weight; repeat for several.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (written atomically).")
-@click.option("--method", type=click.Choice(METHOD_NAMES), default="linear", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True)
 @click.option("--max-shard-size", default="2GB", show_default=True)
-@click.option("--density", type=float, default=None, help="ties: fraction of each delta kept (default 0.2).")
-@click.option("--drop-rate", type=float, default=None, help="dare_*: drop probability (default 0.9).")
-@click.option("--rank", type=int, default=None, help="svd: rank of the adapter written.")
-@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the drop masks.")
+@_method_options
+@click.option(SEED.flag, type=int, default=SEED.default, show_default=True, help=f"{', '.join(SEED_USERS)}: {SEED.help}.")
 @click.option("--verify", is_flag=True, help="Compare logits with the unmerged adapters; discard the output beyond tolerance.")
+@click.option("--int8", is_flag=True, help="Write OUT as an int8 weight-only export of the merged checkpoint "
+                                           "and print its perplexity cost on the probe.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-def merge(base, adapters, out, method, dtype, max_shard_size, density, drop_rate, rank, seed, verify, overwrite) -> None:
+def merge(base, adapters, out, method, dtype, max_shard_size, seed, verify, int8, overwrite, **options) -> None:
     """Merge LoRA adapters into BASE, writing a Hugging Face checkpoint to OUT."""
     # One BLAS thread: the merge's products are small (rank r), and a second core hashes the output.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from adapters.errors import InputError
-    from merge.streaming import AdapterRef, merge_streaming
+    from merge.methods import make_method
+    from merge.streaming import AdapterRef, check_output
 
+    merge_method = make_method(method, seed=seed, **options)
+    if int8 and merge_method.writes_adapter:
+        raise InputError(f"--int8 exports a merged checkpoint; method {method} writes an adapter", param="int8")
     parsed = [_adapter_ref(spec) for spec in adapters]
     given = sum(w is not None for _, w in parsed)
     if 0 < given < len(parsed):
         raise InputError(f"weights given for {given} of {len(parsed)} adapters; give one for each or for none", param="adapter")
     refs = [AdapterRef(path, 1.0 if w is None else w) for path, w in parsed]
+    out = Path(out)
+    check_output(out, overwrite)
+    started = time.perf_counter()
+    if int8:
+        with _scratch_beside(out) as scratch:
+            result, reports = _merge(base, refs, scratch / "merged", merge_method, dtype, max_shard_size, verify, False)
+            from merge.quantize import export_int8
+
+            exported = export_int8(result.out_dir, out, overwrite=overwrite,
+                                   provenance={k: v for k, v in result.manifest.items() if k != "files"})
+            elapsed = time.perf_counter() - started
+            from merge.verify import measure_int8
+
+            reports.append(measure_int8(result.out_dir, exported))
+        size = sum(p.stat().st_size for p in out.iterdir())
+        click.echo(f"merged {len(refs)} adapter(s) ({method}) into int8 checkpoint {out}: "
+                   f"{len(list(out.iterdir()))} files, {size / 1e9:.3f} GB in {elapsed:.2f} s")
+    else:
+        result, reports = _merge(base, refs, out, merge_method, dtype, max_shard_size, verify, overwrite)
+        elapsed = time.perf_counter() - started
+        manifest = result.manifest
+        size = sum(f["size"] for f in manifest["files"])
+        notes = ", lm_head written untied (tie_word_embeddings: false)" if manifest["untied_embeddings"] else ""
+        click.echo(f"merged {len(refs)} adapter(s) ({method}) into {manifest['kind']} {result.out_dir}: "
+                   f"{len(manifest['files'])} files, {size / 1e9:.3f} GB in {elapsed:.2f} s{notes}")
+    for report in reports:
+        click.echo(report.summary())
+
+
+def _merge(base, refs, out: Path, merge_method, dtype, max_shard_size, verify: bool, overwrite: bool):
+    """`merge_streaming` with a progress bar on stderr; with `verify`, the output is compared before it is committed."""
+    from merge.streaming import merge_streaming
+
     reports = []
 
     def check(tmp: Path) -> None:
         from merge.verify import verify_merge
 
-        report = verify_merge(base, refs, tmp, method=method)
+        report = verify_merge(base, refs, tmp, method=merge_method)
         reports.append(report)
         report.raise_if_failed()
 
-    started = time.perf_counter()
     with click.progressbar(length=1, label="merging", file=click.get_text_stream("stderr")) as bar:
         def progress(done: int, total: int) -> None:
             bar.length = total
             bar.update(done - bar.pos)
 
-        result = merge_streaming(base, refs, out, method=method, dtype=dtype, max_shard_size=max_shard_size,
-                                 density=density, drop_rate=drop_rate, rank=rank, seed=seed, overwrite=overwrite,
-                                 progress=progress, before_commit=check if verify else None)
-    elapsed = time.perf_counter() - started
-    manifest = result.manifest
-    size = sum(f["size"] for f in manifest["files"])
-    what = "adapter" if manifest["kind"] == "adapter" else "checkpoint"
-    notes = ", lm_head written untied (tie_word_embeddings: false)" if manifest["untied_embeddings"] else ""
-    click.echo(f"merged {len(refs)} adapter(s) ({method}) into {what} {result.out_dir}: "
-               f"{len(manifest['files'])} files, {size / 1e9:.3f} GB in {elapsed:.2f} s{notes}")
-    for report in reports:
-        click.echo(report.summary())
+        result = merge_streaming(base, refs, out, method=merge_method, dtype=dtype, max_shard_size=max_shard_size,
+                                 overwrite=overwrite, progress=progress, before_commit=check if verify else None)
+    return result, reports
+
+
+@contextmanager
+def _scratch_beside(out: Path):
+    """A temporary directory in `out`'s parent (same file system), removed on exit whatever happens."""
+    from adapters.errors import InputError
+
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f".{out.name}.float-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"cannot write to {parent}: {exc.strerror or exc}", param="out") from exc
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -101,6 +101,26 @@ def test_overwrite_replaces_an_existing_output(llama, tmp_path):
     assert not (out / "old.txt").exists() and (out / "loramill-manifest.json").exists()
 
 
+def test_int8_writes_the_export_and_prints_its_perplexity_cost(llama, tmp_path):
+    from merge.quantize import INT8_NAME, load_int8
+
+    base, adapter = llama
+    out = tmp_path / "int8"
+    result = _merge("--base", str(base), "--adapter", str(adapter), "--out", str(out), "--int8", "--verify")
+    assert result.exit_code == 0, result.output
+    assert f"merged 1 adapter(s) (linear) into int8 checkpoint {out}" in result.stdout
+    assert "verify: max |logit diff|" in result.stdout  # --verify checks the float merge the export is made from
+    line = next(line for line in result.stdout.splitlines() if line.startswith("int8: "))
+    merged_ppl, int8_ppl = (float(line.split(f"{k} ")[1].split()[0].rstrip(",")) for k in ("merged", "int8"))
+    assert abs(int8_ppl / merged_ppl - 1) < 0.01 and merged_ppl != int8_ppl
+    spec = json.loads((out / INT8_NAME).read_text())
+    assert "model.layers.0.self_attn.q_proj.weight" in spec["quantized"]
+    manifest = json.loads((out / "loramill-manifest.json").read_text())
+    assert manifest["source"]["method"] == {"name": "linear"} and manifest["source"]["kind"] == "checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]  # the float merge it was made from is gone
+    assert load_int8(out).config.tie_word_embeddings is False
+
+
 # ---- bad inputs -----------------------------------------------------------------------------
 
 def test_adapter_for_a_different_base(make_base, make_adapter, tmp_path):
@@ -228,6 +248,9 @@ def test_float16_overflow_discards_the_output(make_base, make_adapter, tmp_path)
     (["--method", "ties", "--drop-rate", "0.3"], "--drop-rate does not apply to method ties"),
     (["--method", "svd"], "method svd needs --rank"),
     (["--max-shard-size", "lots"], "--max-shard-size 'lots' is not a size"),
+    (["--method", "svd", "--rank", "2", "--int8"], "--int8 exports a merged checkpoint; method svd writes an adapter"),
+    (["--method", "dare_ties", "--seed", "-3"], "--seed must be in [0, 2147483647], got -3"),
+    (["--method", "ties", "--density", "0"], "--density must be in (0, 1], got 0.0"),
 ])
 def test_bad_options(llama, tmp_path, args, fragment):
     base, adapter = llama

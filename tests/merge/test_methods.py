@@ -90,10 +90,54 @@ def test_method_options_are_checked(name, options, message):
         make_method(name, **options)
 
 
-def test_cli_method_names_are_the_registry():
-    from loramill.cli.merge_cmd import METHOD_NAMES
+def test_cli_choices_and_options_are_the_registry():
+    from loramill.cli.merge_cmd import merge
+    from merge.options import DTYPE_CHOICES, OUTPUT_DTYPES
 
-    assert tuple(METHODS) == METHOD_NAMES
+    params = {p.name: p for p in merge.params}
+    assert list(params["method"].type.choices) == list(METHODS)
+    assert list(params["dtype"].type.choices) == ["auto", *OUTPUT_DTYPES] == list(DTYPE_CHOICES)
+    declared = {p.name for m in METHODS.values() for p in m.parameters}
+    assert declared == {"density", "drop_rate", "rank"} and declared <= set(params)
+
+
+def test_methods_describe_their_flags_and_parameters_as_plain_data():
+    import json
+
+    from merge.options import describe
+
+    data = json.loads(json.dumps(describe()))  # plain data all the way down
+    assert list(data["methods"]) == list(METHODS) and data["default_method"] == "linear"
+    assert data["dtypes"] == ["auto", "float32", "bfloat16", "float16"]
+    assert data["seed"] == {"type": "integer", "description": data["seed"]["description"], "default": 0,
+                            "minimum": 0, "maximum": 2**31 - 1}
+    ties, svd = data["methods"]["ties"], data["methods"]["svd"]
+    assert ties["parameters"]["density"] == {"type": "number", "description": ties["parameters"]["density"]["description"],
+                                             "default": 0.2, "exclusiveMinimum": 0, "maximum": 1}
+    assert svd["required"] == ["rank"] and svd["writes_adapter"] and not ties["writes_adapter"]
+    assert data["methods"]["linear"]["exact"] and data["methods"]["linear"]["elementwise"]
+    assert data["methods"]["dare_ties"]["uses_seed"] and not data["methods"]["ties"]["uses_seed"]
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("svd", {"rank": 2.5}, "--rank must be an integer, got 2.5"),
+    ("svd", {"rank": 0}, "--rank must be at least 1, got 0"),
+    ("ties", {"density": float("nan")}, "--density must be in (0, 1], got nan"),
+    ("dare_linear", {"drop_rate": True}, "--drop-rate must be a number, got True"),
+    ("linear", {"seed": -1}, "--seed must be in [0, 2147483647], got -1"),
+])
+def test_each_method_checks_its_own_parameters(name, options, message):
+    import re
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        make_method(name, **options)
+
+
+def test_flags_not_names_decide():
+    assert make_method("svd", rank=4).exact_for([2, 2]) and not make_method("svd", rank=3).exact_for([2, 2])
+    assert make_method("linear").exact_for([64]) and not make_method("ties").exact_for([1])
+    assert make_method("dare_linear", seed=3).describe() == {"name": "dare_linear", "drop_rate": 0.9, "seed": 3}
+    assert make_method("ties", seed=3).describe() == {"name": "ties", "density": 0.2}
 
 
 def _lora_factors(adapter, module):

@@ -69,3 +69,39 @@ def test_progress_reaches_the_total(make_base, make_adapter, tmp_path):
     seen = []
     merge_streaming(base, [AdapterRef(adapter)], tmp_path / "merged", progress=lambda done, total: seen.append((done, total)))
     assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_hashing_file_hashes_what_it_wrote_held_unheld_and_copied(tmp_path, monkeypatch):
+    from merge.writer import HashingFile
+
+    source = tmp_path / "source"
+    source.write_bytes(bytes(range(256)) * 1000)
+    returned = []
+    for handover in (0, 1 << 30):  # every copy made by the writer, then every copy left to the hash thread
+        monkeypatch.setattr(HashingFile, "HANDOVER", handover)
+        out = tmp_path / f"out-{handover}"
+        with HashingFile(out) as file, open(source, "rb") as src, memoryview(source.read_bytes()) as view:
+            file.write(b"header")
+            for start in range(0, 256_000, 50_001):
+                stop = min(start + 50_001, 256_000)
+                file.copy_range(src.fileno(), start, stop - start, view[start:stop])
+                held = bytearray(b"h" * 4097)
+                file.write(held, hashed=lambda held=held: returned.append(held))
+                file.write(bytearray(b"u" * 7777))
+            record = file.record()
+        data = out.read_bytes()
+        assert record.size == len(data) == 6 + 256_000 + 6 * (4097 + 7777)
+        assert record.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(returned) == 12
+
+
+def test_an_error_while_writing_abandons_the_hash(tmp_path):
+    import os
+
+    from merge.writer import HashingFile
+
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError, match="stop"), HashingFile(tmp_path / "out") as file:
+        file.write(b"x" * (1 << 20))
+        raise RuntimeError("stop")
+    assert not file._thread.is_alive() and len(os.listdir("/proc/self/fd")) == fds
