@@ -13,6 +13,7 @@ is kept fed and the other work is shared out between the two sides (see `Hashing
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -239,13 +240,35 @@ def _write(fd: int, view: memoryview, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
+COPY_FALLBACK = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # no in-kernel copy between these files
+READ_CHUNK = 4 << 20
+
+
 def _copy(src_fd: int, src_offset: int, dst_offset: int, length: int, dst_fd: int) -> None:
+    """`length` bytes from `src_fd` at `src_offset` to `dst_fd` at `dst_offset`: in the kernel (`copy_file_range`,
+    as `cp` does), or through user space where the kernel cannot (another filesystem: EXDEV)."""
     done = 0
     while done < length:
-        copied = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
+        try:
+            copied = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
+        except OSError as exc:
+            if exc.errno not in COPY_FALLBACK:
+                raise
+            copied = _copy_through_memory(src_fd, src_offset + done, dst_offset + done, length - done, dst_fd)
         if copied == 0:
             raise InputError("a source file ended early while copying")
         done += copied
+
+
+def _copy_through_memory(src_fd: int, src_offset: int, dst_offset: int, length: int, dst_fd: int) -> int:
+    done = 0
+    while done < length:
+        chunk = os.pread(src_fd, min(READ_CHUNK, length - done), src_offset + done)
+        if not chunk:
+            break
+        _write(dst_fd, memoryview(chunk), dst_offset + done)
+        done += len(chunk)
+    return done
 
 
 def hash_file(path: Path) -> FileRecord:

@@ -17,6 +17,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from merge.options import describe as describe_merges
+
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
 SHARD_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 
@@ -140,11 +142,17 @@ class MergeAdapter(Body):
     weight: ranged(float, -1e6, 1e6) = 1.0
 
 
+MERGE = describe_merges()  # the method registry and the dtype table, as data: one source for the CLI and this API
+
+
 class MergeCreate(Body):
+    """A merge. Each method's own options (`density`, `drop_rate`, `rank`) are checked by the method itself when
+    the merge is created (`merge.methods.make_method`): an option another method takes is refused."""
+
     base_model: StrictStr
     adapters: Annotated[list[MergeAdapter], Field(min_length=1, max_length=64)]
-    method: Literal["linear", "ties", "dare_linear", "dare_ties", "svd"] = "linear"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    method: Literal[tuple(MERGE["methods"])] = MERGE["default_method"]
+    dtype: Literal[tuple(MERGE["dtypes"])] = MERGE["default_dtype"]
     max_shard_size: Annotated[StrictStr, Field(pattern=SHARD_RE.pattern)] = "2GB"
     density: ranged(float, 0, 1, low_open=True) | None = None
     drop_rate: ranged(float, 0, 1, high_open=True) | None = None

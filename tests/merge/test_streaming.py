@@ -105,3 +105,31 @@ def test_an_error_while_writing_abandons_the_hash(tmp_path):
         file.write(b"x" * (1 << 20))
         raise RuntimeError("stop")
     assert not file._thread.is_alive() and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_merge_onto_another_filesystem_writes_the_same_bytes(make_base, make_adapter, tmp_path, monkeypatch):
+    """The kernel copies untouched tensors (`copy_file_range`) only within one filesystem; across two, the bytes
+    go through memory (EXDEV) and the output is the same. Both ways: forced, and a real tmpfs where there is one."""
+    import errno
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = make_base(arch="llama")
+    adapters = [AdapterRef(make_adapter(base, target_modules=["q_proj"]))]  # most tensors are copied untouched
+    reference = _files(merge_streaming(base, adapters, tmp_path / "same-fs").out_dir)
+
+    def cross_device(*_args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "copy_file_range", cross_device)
+        assert _files(merge_streaming(base, adapters, tmp_path / "forced").out_dir) == reference
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(tmp_path).st_dev:
+        other = Path(tempfile.mkdtemp(dir=shm))
+        try:
+            assert _files(merge_streaming(base, adapters, other / "merged").out_dir) == reference
+        finally:
+            shutil.rmtree(other)
