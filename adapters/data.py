@@ -659,3 +659,11 @@ def block_causal_mask(segments: "torch.Tensor", dtype: "torch.dtype") -> "torch.
     allowed = (small[:, :, None] == small[:, None, :]).tril_()
     keep, drop = torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, keep, drop)[:, None]
+
+
+def supervised_token_count(dataset: "datasets.Dataset") -> int:
+    """Tokens the loss falls on (labels other than -100), read a column chunk at a time."""
+    total = 0
+    for batch in dataset.iter(batch_size=4096):
+        total += sum(int((np.asarray(labels) != IGNORE_INDEX).sum()) for labels in batch["labels"])
+    return total

@@ -54,19 +54,19 @@ class TrainingConfig:
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "all-linear"
     use_rslora: bool = False
-    epochs: int = 1
+    epochs: int | None = 1  # None: chosen from the dataset (`adapters.auto_hyperparameters`), as are the next two
     max_steps: int | None = None
-    lr: float = 2e-4
+    lr: float | None = 2e-4
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
-    batch_size: int = 8
+    batch_size: int | None = 8
     grad_accum: int = 1
     max_seq_len: int = 512
     packing: bool = False
     overlong: str = "truncate"
     seed: int = 0
-    save_every: int = 0
+    save_every: int | None = 0  # steps between checkpoints; 0: none, None: at the end of each epoch
     eval_every: int = 0
     resume_from: str | None = None
     bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA)
@@ -80,7 +80,7 @@ class TrainingConfig:
                     "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "max_seq_len": self.max_seq_len, "loss_chunk_tokens": self.loss_chunk_tokens}
         for name, value in positive.items():
-            if not value > 0:
+            if value is not None and not value > 0:  # None: "auto", chosen once the dataset is read
                 raise InputError(f"{name} must be positive, got {value}", param=name)
         if self.rank > self.max_rank:
             raise InputError(f"rank {self.rank} is above the maximum {self.max_rank}", param="rank")
@@ -91,7 +91,7 @@ class TrainingConfig:
         if self.max_steps is not None and self.max_steps <= 0:
             raise InputError(f"max_steps must be positive, got {self.max_steps}", param="max_steps")
         for name in ("save_every", "eval_every"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", param=name)
         if self.overlong not in ("truncate", "refuse"):
             raise InputError(f"overlong must be truncate or refuse, got {self.overlong!r}", param="overlong")
@@ -197,6 +197,24 @@ def real_tokens(batch: dict[str, torch.Tensor], pad_id: int) -> int:
     return batch["input_ids"].numel() - int(pad.flip(1).cumprod(1).sum())
 
 
+def _choose_auto(cfg: TrainingConfig, train_set, model_dir: Path) -> TrainingConfig:
+    """`cfg` with its "auto" (None) epochs, batch size and learning rate chosen from the tokenized dataset."""
+    if None not in (cfg.epochs, cfg.batch_size, cfg.lr):
+        return cfg
+    from dataclasses import replace
+
+    from adapters import auto_hyperparameters
+    from adapters.checkpoint import read_config
+    from adapters.data import supervised_token_count
+
+    config = read_config(model_dir)
+    width = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(config.get(k), int)), None)
+    chosen = auto_hyperparameters.choose(
+        len(train_set), supervised_token_count(train_set), width, n_epochs=cfg.epochs, batch_size=cfg.batch_size,
+        learning_rate_multiplier=None if cfg.lr is None else cfg.lr / auto_hyperparameters.BASE_LEARNING_RATE)
+    return replace(cfg, epochs=chosen.n_epochs, batch_size=chosen.batch_size, lr=chosen.learning_rate)
+
+
 class LoraTrainer:
     """One training run: `run()` is the loop, `close()` strips the LoRA layers off the base."""
 
@@ -220,6 +238,7 @@ class LoraTrainer:
         if cfg.validation:
             self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        cfg = self.cfg = _choose_auto(cfg, self.train_set, model_dir)
 
         base = base_model if base_model is not None else load_base_model(model_dir)
         self.device = next(base.parameters()).device
@@ -370,9 +389,13 @@ class LoraTrainer:
     # -- files ----------------------------------------------------------------------------------
 
     def _checkpoint_dir(self) -> Path | None:
-        """Where this step's checkpoint goes, when one is due (every `save_every` steps but the last)."""
-        every = self.cfg.save_every
-        if not every or self.step % every or self.step == self.total_steps:
+        """Where this step's checkpoint goes, when one is due (every `save_every` steps, or at each epoch's end when
+        it is None; never at the last step, whose checkpoint is the adapter itself)."""
+        if self.cfg.save_every is None:
+            due = self.micro_in_epoch == 0  # the step that ended an epoch
+        else:
+            due = bool(self.cfg.save_every) and self.step % self.cfg.save_every == 0
+        if not due or self.step == self.total_steps:
             return None
         return self.out / "checkpoints" / f"step-{self.step:06d}"
 
@@ -468,16 +491,20 @@ class _MetricsLog:
 
 
 def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None,
-          should_stop: Callable[[], bool] | None = None) -> TrainingResult:
+          should_stop: Callable[[], bool] | None = None,
+          on_start: Callable[[TrainingConfig], None] | None = None) -> TrainingResult:
     """Train a LoRA adapter on `cfg.data` and write it to `cfg.out` in PEFT's layout.
 
     `base_model`: an already loaded model to reuse (a worker's cache); it is returned to its
     original state (LoRA layers removed) before this returns. `should_stop()`: asked between
     micro-batches, so a long optimizer step (many accumulated micro-batches) stops within one
-    micro-batch; the unfinished step is dropped, as when `progress` asks to stop.
+    micro-batch; the unfinished step is dropped, as when `progress` asks to stop. `on_start(cfg)`:
+    told the configuration actually trained with ("auto" values chosen) before the first step.
     """
     trainer = LoraTrainer(cfg, progress, base_model, should_stop)
     try:
+        if on_start is not None:
+            on_start(trainer.cfg)
         return trainer.run()
     finally:
         trainer.close()

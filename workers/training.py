@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, select
 
+from adapters.auto_hyperparameters import BASE_LEARNING_RATE
 from adapters.errors import InputError
 from adapters.peft_format import ADAPTER_FILES, CONFIG_NAME
 from adapters.training import METRICS_NAME
@@ -125,13 +126,25 @@ def _train(ctx: WorkerContext, lease: Lease) -> None:
     attempt = attempt_key(inputs.job.tenant_id, inputs.job.id, lease.attempt)
     recorder = ProgressRecorder(lease, attempt)
     result = train(training_config(ctx, inputs, attempt), progress=recorder, base_model=base_models.get(inputs.base_path),
-                   should_stop=_stop_check(lease))
+                   should_stop=_stop_check(lease), on_start=lambda cfg: _record_chosen(lease, inputs.job, cfg))
     recorder.flush()
     if result.stopped:
         if lease.lost:
             raise LeaseLost(f"fine-tuning job {lease.job_id} stopped: lease lost")
         raise Cancelled(f"Fine-tuning job cancelled at step {result.steps}", trained_tokens=result.trained_tokens)
     _succeed(ctx, lease, inputs, attempt, result)
+
+
+def _record_chosen(lease: Lease, job: JobRow, cfg) -> None:
+    """What "auto" hyperparameters became, written on the job (what its object shows) with an event saying so."""
+    hp = job.hyperparameters
+    auto = [k for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if hp[k] == "auto"]
+    if not auto:
+        return
+    chosen = {**hp, "n_epochs": cfg.epochs, "batch_size": cfg.batch_size,
+              "learning_rate_multiplier": round(cfg.lr / BASE_LEARNING_RATE, 6), "learning_rate": cfg.lr}
+    said = ", ".join(f"{k}={chosen[k]}" for k in auto)
+    lease.record([lease.event(f"Hyperparameters chosen from the dataset: {said}")], hyperparameters=chosen)
 
 
 def _stop_check(lease: Lease, every_s: float = 1.0):
@@ -179,6 +192,11 @@ def _succeed(ctx: WorkerContext, lease: Lease, inputs: _Inputs, attempt: str, re
                   result_files=[file_id], estimated_finish=None)
 
 
+def _given(value):
+    """A hyperparameter as the core takes it: None where the job left it "auto"."""
+    return None if value == "auto" else value
+
+
 def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
     from adapters.training import TrainingConfig
 
@@ -193,8 +211,9 @@ def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
         validation=path(job.validation_file) if job.validation_file else None,
         rank=lora["rank"], alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
         targets=targets if isinstance(targets, str) else tuple(targets), use_rslora=lora["use_rslora"],
-        epochs=hp["n_epochs"], lr=hp["learning_rate"], batch_size=hp["batch_size"], grad_accum=hp["grad_accum"],
-        max_seq_len=hp["max_seq_len"], packing=hp["packing"], seed=job.seed, save_every=hp["checkpoint_every"],
+        epochs=_given(hp["n_epochs"]), lr=hp.get("learning_rate"), batch_size=_given(hp["batch_size"]),
+        grad_accum=hp["grad_accum"], max_seq_len=hp["max_seq_len"], packing=hp["packing"], seed=job.seed,
+        save_every=hp["checkpoint_every"],  # None: once per epoch, as OpenAI checkpoints
         max_rank=ctx.settings.max_rank,
         resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
         cache_dir=str(ctx.settings.resolved_dataset_cache_dir),

@@ -29,8 +29,6 @@ import httpx
 from adapters.errors import InputError
 
 SAMPLE = "capitals.jsonl"  # in the package's data folder (importlib.resources)
-HYPERPARAMETERS = {"n_epochs": 20, "batch_size": 8, "learning_rate_multiplier": 15, "max_seq_len": 128}
-LORA = {"rank": 16, "alpha": 32}
 
 
 def free_port() -> int:
@@ -206,9 +204,8 @@ def _flow(url, api_key, admin_key, out_dir: Path, run: str, create_base_model, B
             upload = checked(client.post("/v1/files", data={"purpose": "fine-tune"},
                                          files={"file": (SAMPLE, f, "application/jsonl")}))
         click.echo(f"2. uploaded {upload['filename']} as {upload['id']} ({upload['bytes']} bytes)")
-        job = checked(client.post("/v1/fine_tuning/jobs", json={
-            "model": base_name, "training_file": upload["id"], "suffix": "capitals",
-            "hyperparameters": HYPERPARAMETERS, "lora": LORA, "seed": 0}))
+        job = checked(client.post("/v1/fine_tuning/jobs", json={  # every hyperparameter "auto"
+            "model": base_name, "training_file": upload["id"], "suffix": "capitals", "seed": 0}))
         click.echo(f"3. created fine-tuning job {job['id']} ({job['status']})")
         job = follow_job(client, job["id"])
         if job["status"] != "succeeded":

@@ -10,8 +10,9 @@ on a Core connection of its own: the request-scoped `SessionDep` would cost two 
 (FastAPI enters and leaves a sync generator dependency in the pool), and nothing here needs
 what an ORM session adds to every statement (identity map, ORM compilation, flush).
 
-"auto" hyperparameters resolve to: n_epochs 3 (1 above 1000 records), batch_size min(8, records),
-learning_rate_multiplier 1.0 (the learning rate is 2e-4 × the multiplier).
+"auto" hyperparameters are chosen by the worker once it has read the dataset
+(`adapters.auto_hyperparameters`: from the number of examples, their supervised tokens and the
+base model's width); the learning rate is 2e-4 × the multiplier.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, Row, bindparam, select
 
+from adapters.auto_hyperparameters import BASE_LEARNING_RATE
 from jobs.base_models import check_targets, context_length
 from jobs.errors import NotFound
 from jobs.ids import new_id
@@ -36,20 +38,12 @@ from service.objects import checkpoint_object, event_object, job_object, listing
 from service.schemas import FineTuningJobCreate, Hyperparameters, LoraOptions
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-BASE_LEARNING_RATE = 2e-4
-
-
-def resolve_hyperparameters(hp: Hyperparameters, records: int) -> dict:
+def resolve_hyperparameters(hp: Hyperparameters) -> dict:
+    """The job's hyperparameters as stored: "auto" stays "auto" until the worker has read the dataset and
+    chosen (`adapters.auto_hyperparameters`; the job object then shows the values chosen, as OpenAI's does)."""
     values = hp.model_dump()
-    if hp.n_epochs == "auto":
-        values["n_epochs"] = 3 if records <= 1000 else 1
-    if hp.batch_size == "auto":
-        values["batch_size"] = max(1, min(8, records))
-    if hp.learning_rate_multiplier == "auto":
-        values["learning_rate_multiplier"] = 1.0
-    values["learning_rate"] = BASE_LEARNING_RATE * values["learning_rate_multiplier"]
-    if values["checkpoint_every"] is None:  # once per epoch, as OpenAI does
-        values["checkpoint_every"] = max(1, -(-records // (values["batch_size"] * values["grad_accum"])))
+    if values["learning_rate_multiplier"] != "auto":
+        values["learning_rate"] = BASE_LEARNING_RATE * values["learning_rate_multiplier"]
     return values
 
 
@@ -110,7 +104,7 @@ def _create_job(body: FineTuningJobCreate, services: Services, tenant_id: str) -
         base = base_model(conn, body.model)
         train_file, val_file = _datasets(conn, tenant_id, body)
         check_active_jobs(conn, tenant_id, services.settings.max_active_jobs)
-        hp = resolve_hyperparameters(_hyperparameters(body), train_file.records or 1)
+        hp = resolve_hyperparameters(_hyperparameters(body))
         _check_context(hp["max_seq_len"], base)
         lora = _lora(body, base.path, services.settings.max_rank)
 

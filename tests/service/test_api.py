@@ -190,7 +190,8 @@ def test_job_lifecycle_in_the_store(api):
     job = api.client.post("/v1/fine_tuning/jobs", headers=api.auth("alice"),
                           json={"model": "tiny", "training_file": f["id"], "suffix": "adder", "metadata": {"k": "v"},
                                 "hyperparameters": {"n_epochs": "auto", "batch_size": 4}}).json()
-    assert job["status"] == "queued" and job["hyperparameters"] == {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+    assert job["status"] == "queued" and job["hyperparameters"] == {"n_epochs": "auto", "batch_size": 4,
+                                                                  "learning_rate_multiplier": "auto"}  # chosen by the worker
     assert job["metadata"] == {"k": "v"} and job["user_provided_suffix"] == "adder"
     assert api.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=api.auth("alice")).json()["status"] == "queued"
     events = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=api.auth("alice")).json()["data"]

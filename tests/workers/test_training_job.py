@@ -191,3 +191,38 @@ def test_job_cancelled_while_queued_never_trains(api, ctx):
     api.client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=api.auth("alice"))
     assert run_training_job(ctx, job_id) == "cancelled"
     assert not [e for e in events(ctx, job_id) if e.type == "metrics"]
+
+
+def test_a_default_job_learns_the_sample_dataset_and_reports_what_auto_chose(api, ctx):
+    """No hyperparameters given: "auto" chooses from the dataset; the loss ends below 1.0 and the model answers."""
+    from importlib import resources
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sample = (resources.files("loramill") / "data" / "capitals.jsonl").read_bytes()
+    f = api.client.post("/v1/files", headers=api.auth("alice"), data={"purpose": "fine-tune"},
+                        files={"file": ("capitals.jsonl", sample)})
+    job = api.client.post("/v1/fine_tuning/jobs", headers=api.auth("alice"),
+                          json={"model": "tiny", "training_file": f.json()["id"]}).json()
+    assert job["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
+    assert run_training_job(ctx, job["id"]) == "succeeded"
+    done = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=api.auth("alice")).json()
+    assert done["hyperparameters"] == {"n_epochs": 16, "batch_size": 8, "learning_rate_multiplier": 16.0}
+    losses = [e.data["train_loss"] for e in events(ctx, job["id"]) if e.type == "metrics"]
+    assert len(losses) == 16 * 12 and losses[-1] < 1.0
+    assert any(e.message.startswith("Hyperparameters chosen from the dataset: n_epochs=16") for e in events(ctx, job["id"]))
+
+    with ctx.db.sessions() as session:
+        from jobs.tables import BaseModelRow
+
+        base_path = session.get(BaseModelRow, "tiny").path
+        adapter_key = session.scalar(select(AdapterRow.storage_key).where(AdapterRow.job_id == job["id"]))
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                      str(ctx.artifacts.local_path(adapter_key)))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Italy?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=30, do_sample=False)
+    assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == \
+        "The capital of Italy is Rome."
