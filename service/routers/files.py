@@ -57,7 +57,7 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     try:
         size, sha256 = store.write_stream(key, upload.file, max_bytes=limit)
         check_storage(session, tenant_id, services.settings.max_stored_bytes, size)
-        records = validate_jsonl(store.local_path(key), DataConfig())
+        records = validate_jsonl(store.local_path(key), DataConfig(max_line_bytes=services.settings.max_line_bytes))
         row = FileRow(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size,
                       records=records, sha256=sha256, storage_key=key, created_at=now())
         session.add(row)
