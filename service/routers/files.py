@@ -66,8 +66,9 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     except TooLarge:
         raise too_large(limit) from None
     except InputError as exc:
-        raise APIError(400, f"{filename}: {exc}".replace(f"{store.local_path(key)}: ", ""), param="file",
-                       code="invalid_file") from exc
+        stored_as = store.local_path(key)
+        message = str(exc).replace(f"{stored_as}: ", "").removeprefix(f"{stored_as.name}: ")
+        raise APIError(400, f"{filename}: {message}", param="file", code="invalid_file") from exc
     finally:
         if not stored:  # refused or failed: nothing stays
             store.discard(key)
