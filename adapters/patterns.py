@@ -50,7 +50,7 @@ def _options() -> re2.Options:
     return options
 
 
-def compile_patterns(patterns: dict, name: str) -> list[re2._Regexp]:
+def compile_patterns(patterns: dict, name: str) -> list:
     """Each key of `patterns` (a config's `name`) compiled for `resolve`, in the config's order.
 
     Raises `InputError` naming the key for too many or too long keys, an invalid regex, syntax RE2
@@ -81,7 +81,7 @@ def compile_patterns(patterns: dict, name: str) -> list[re2._Regexp]:
     return compiled
 
 
-def resolve(patterns: dict, compiled: list[re2._Regexp], modules: list[str], name: str) -> dict[str, object]:
+def resolve(patterns: dict, compiled: list, modules: list[str], name: str) -> dict[str, object]:
     """`{module: value of the first key that matches it}` for the modules some key matches.
 
     `compiled` is `compile_patterns(patterns, name)`. Refuses, before searching, a config whose
