@@ -25,6 +25,16 @@ elsewhere). Transformers hands a 4D mask to eager and sdpa attention unchanged, 
 `find_packed_sequence_indices`) is skipped whenever a cache object exists, and Llama and GPT-2
 create one by default because `config.use_cache` is true, so `position_ids` alone would silently
 let samples attend each other unless every caller passed `use_cache=False`.
+
+Bounded cost (a line is whoever uploaded it): `max_line_bytes` refuses a longer line while
+reading, without holding it; tokenization never sees more than `max_seq_len × TEXT_CHARS_PER_TOKEN`
+characters of a record's text, nor a chat's renderings beyond `PLAN_CHARS_PER_TEXT_CHAR` times
+that, and the tokenizer gets at most `_ENCODE_CHARS` characters per call. Text beyond the bound is
+refused, not cut: a tokenizer run on a prefix need not give the first `max_seq_len` tokens of the
+whole text (BPE merges inside a word depend on characters arbitrarily far ahead: with merges
+`cd` before `bc` before `ab`, "abc" is `a|bc` but "abcd" is `ab|cd`), so a cut could change tokens
+that truncation keeps. At 32 characters a token, 4 to 8 times what tokenizers average on text,
+a refused record would have lost most of its text to truncation anyway.
 """
 
 from __future__ import annotations
@@ -54,7 +64,11 @@ FORMAT_KEYS = {"chat": ("messages",), "completion": ("prompt", "completion"), "t
 MESSAGE_KEYS = ("role", "content", "weight")
 # Bump when tokenization output changes for the same inputs: invalidates every cache entry.
 TOKENIZATION_VERSION = 1
-_ENCODE_CHUNK = 256
+_ENCODE_CHUNK = 256  # records per tokenizer call
+_ENCODE_CHARS = 1 << 20  # characters per tokenizer call, unless one record's plan is longer
+TEXT_CHARS_PER_TOKEN = 32  # a record's text may be at most max_seq_len times this many characters
+PLAN_CHARS_PER_TEXT_CHAR = 16  # a chat's renderings (one per message) at most this times that
+_SKIP_BLOCK = 1 << 20
 
 
 class DatasetError(InputError):
@@ -85,15 +99,24 @@ class DataConfig:
 
     `max_seq_len`: longest sample in tokens. `overlong`: "truncate" keeps the first `max_seq_len`
     tokens, "refuse" rejects the line. `max_errors`: how many problems a DatasetError lists.
+    `max_line_bytes`: longest line (None: any); the service sets it from its settings.
     """
 
     max_seq_len: int = 512
     overlong: str = "truncate"
     max_errors: int = 20
+    max_line_bytes: int | None = None
+
+    @property
+    def max_text_chars(self) -> int:
+        """The most characters of text one record may hold (see the module docstring)."""
+        return self.max_seq_len * TEXT_CHARS_PER_TOKEN
 
     def validate(self) -> None:
         if self.max_seq_len < 2:
             raise InputError(f"max_seq_len must be at least 2, got {self.max_seq_len}", param="max_seq_len")
+        if self.max_line_bytes is not None and self.max_line_bytes < 1:
+            raise InputError(f"max_line_bytes must be positive, got {self.max_line_bytes}", param="max_line_bytes")
         if self.overlong not in ("truncate", "refuse"):
             raise InputError(f"overlong must be 'truncate' or 'refuse', got {self.overlong!r}", param="overlong")
         if self.max_errors < 1:
@@ -132,18 +155,26 @@ def _json_type(value: Any) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _iter_lines(path: Path, max_line_bytes: int | None = None) -> Iterator[tuple[int, Any, str | None]]:
     """Yield `(lineno, parsed_object, None)` or `(lineno, None, error)` per non-blank line.
 
-    Streams the file; blank lines are skipped but keep their numbers. Raises DatasetError if the
-    file cannot be opened.
+    Streams the file; blank lines are skipped but keep their numbers. A line longer than
+    `max_line_bytes` is an error found while reading: at most that many bytes of it are held, and
+    it is not parsed. Raises DatasetError if the file cannot be opened.
     """
     try:
         f = open(path, "rb")
     except OSError as exc:
         raise DatasetError(path, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    limit = -1 if max_line_bytes is None else max_line_bytes + 1  # +1 for the newline
     with f:
-        for lineno, raw in enumerate(f, start=1):
+        lineno = 0
+        while raw := f.readline(limit):
+            lineno += 1
+            if not raw.endswith(b"\n") and len(raw) == limit:
+                size = len(raw) + _skip_line(f)
+                yield lineno, None, f"{size} bytes, longer than the limit of {max_line_bytes} bytes a line"
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
@@ -157,8 +188,22 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield lineno, json.loads(text), None
             except json.JSONDecodeError as exc:
                 yield lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+            except ValueError as exc:  # an integer of thousands of digits
+                yield lineno, None, f"invalid JSON: {exc}"
             except RecursionError:
                 yield lineno, None, "invalid JSON: nested too deeply"
+
+
+def _skip_line(f) -> int:
+    """Read past the rest of the current line in blocks; return how many bytes it had (newline excluded)."""
+    skipped = 0
+    while block := f.read(_SKIP_BLOCK):
+        end = block.find(b"\n")
+        if end >= 0:
+            f.seek(end + 1 - len(block), 1)
+            return skipped + end
+        skipped += len(block)
+    return skipped
 
 
 def _record_format(obj: dict) -> tuple[str | None, list[str]]:
@@ -230,9 +275,9 @@ def _is_trained(msg: dict) -> bool:
     return msg.get("role") == "assistant" and isinstance(content, str) and content != "" and msg.get("weight", 1) == 1
 
 
-def _iter_records(path: Path, log: _ErrorLog) -> Iterator[tuple[int, str, dict]]:
+def _iter_records(path: Path, log: _ErrorLog, max_line_bytes: int | None = None) -> Iterator[tuple[int, str, dict]]:
     """Yield `(lineno, format, record)` for each valid record; log every invalid one."""
-    for lineno, obj, error in _iter_lines(path):
+    for lineno, obj, error in _iter_lines(path, max_line_bytes):
         if error is not None:
             log.add(lineno, error)
             continue
@@ -249,16 +294,16 @@ def _iter_records(path: Path, log: _ErrorLog) -> Iterator[tuple[int, str, dict]]
 def validate_jsonl(path: str | Path, config: DataConfig = DataConfig()) -> int:
     """Check every line of a JSONL dataset and return the number of records.
 
-    Checks: valid UTF-8 JSON object; exactly one format's keys; field types; roles; weights;
-    each chat has an assistant message with non-empty content and weight 1 or absent. Other
-    top-level keys (ids, metadata) are ignored; unknown message keys are errors. Streams
-    the file (constant memory). Raises DatasetError listing up to `config.max_errors` problems
-    with line numbers; an empty file (no records) is an error.
+    Checks: at most `config.max_line_bytes` a line; valid UTF-8 JSON object; exactly one format's
+    keys; field types; roles; weights; each chat has an assistant message with non-empty content
+    and weight 1 or absent. Other top-level keys (ids, metadata) are ignored; unknown message keys
+    are errors. Streams the file (memory bounded by the longest line allowed). Raises DatasetError
+    listing up to `config.max_errors` problems with line numbers; an empty file (no records) is an error.
     """
     config.validate()
     path = Path(path)
     log = _ErrorLog(config.max_errors)
-    count = sum(1 for _ in _iter_records(path, log))
+    count = sum(1 for _ in _iter_records(path, log, config.max_line_bytes))
     log.raise_if_any(path)
     if count == 0:
         raise DatasetError(path, ["file is empty: no JSON lines"])
@@ -286,15 +331,36 @@ class _Encoder:
         return self.tok.apply_chat_template(messages, tokenize=False)
 
     def _plan(self, fmt: str, rec: dict) -> list[str]:
-        """Strings to tokenize for one record (their ids are assembled by `_assemble`)."""
+        """Strings to tokenize for one record (their ids are assembled by `_assemble`).
+
+        Raises `_TooLong` for a record with more text than `max_text_chars`, or a chat whose
+        renderings (each prefix of the conversation, to locate the assistant turns) add up to more
+        than `PLAN_CHARS_PER_TEXT_CHAR` times that; rendering stops at the bound.
+        """
+        limit = self.config.max_text_chars
         if fmt == "text":
-            return [rec["text"]]
-        if fmt == "completion":
-            return [rec["prompt"], rec["completion"]]
+            texts = [rec["text"]]
+        elif fmt == "completion":
+            texts = [rec["prompt"], rec["completion"]]
+        else:
+            texts = [m["content"] for m in rec["messages"]]
+        chars = sum(len(t) for t in texts)
+        if chars > limit:
+            raise _TooLong(f"{chars} characters of text; with max_seq_len {self.config.max_seq_len} at most {limit} "
+                           f"({TEXT_CHARS_PER_TOKEN} a token) are tokenized: shorten it or raise max_seq_len")
+        if fmt != "chat":
+            return texts
         msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
-        strings = [self._render(msgs[: k + 1]) for k in range(len(msgs))]
-        for i in self._trained_turns(rec["messages"]):
-            strings.append(self._render(msgs[:i] + [{"role": "assistant", "content": ""}]))
+        prefixes = [msgs[: k + 1] for k in range(len(msgs))]
+        prefixes += [msgs[:i] + [{"role": "assistant", "content": ""}] for i in self._trained_turns(rec["messages"])]
+        budget, strings = limit * PLAN_CHARS_PER_TEXT_CHAR, []
+        for prefix in prefixes:
+            strings.append(self._render(prefix))
+            budget -= len(strings[-1])
+            if budget < 0:
+                raise _TooLong(f"its {len(msgs)} messages render to more than {limit * PLAN_CHARS_PER_TEXT_CHAR} "
+                               f"characters to tokenize (one rendering per message, to find the assistant turns); "
+                               f"split it into shorter conversations or raise max_seq_len")
         return strings
 
     @staticmethod
@@ -344,23 +410,24 @@ class _Encoder:
             labels[content_start:end] = turn[content_start:end]
         return full, labels
 
-    def encode_chunk(self, chunk: list[tuple[int, str, dict]], log: _ErrorLog) -> Iterator[dict]:
-        """Samples for the records of `chunk` that encode; problems go to `log` by line."""
+    def plan(self, lineno: int, fmt: str, rec: dict, log: _ErrorLog) -> list[str] | None:
+        """`_plan`, with its problems logged by line (None then)."""
         from jinja2 import TemplateError
 
-        plans = []
-        for lineno, fmt, rec in chunk:
-            try:
-                plans.append(self._plan(fmt, rec))
-            except (TemplateError, ValueError) as exc:  # incl. a template's raise_exception()
-                log.add(lineno, f"chat template failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-                plans.append(None)
-        flat = [s for plan in plans if plan for s in plan]
+        try:
+            return self._plan(fmt, rec)
+        except _TooLong as exc:
+            log.add(lineno, str(exc))
+        except (TemplateError, ValueError) as exc:  # incl. a template's raise_exception()
+            log.add(lineno, f"chat template failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return None
+
+    def encode_chunk(self, chunk: list[tuple[int, str, dict, list[str]]], log: _ErrorLog) -> Iterator[dict]:
+        """Samples for the planned records of `chunk` that encode, in one tokenizer call; problems go to `log`."""
+        flat = [s for *_, plan in chunk for s in plan]
         encoded = self.tok(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
         pos = 0
-        for (lineno, fmt, rec), plan in zip(chunk, plans, strict=True):
-            if plan is None:
-                continue
+        for lineno, fmt, rec, plan in chunk:
             ids = encoded[pos : pos + len(plan)]
             pos += len(plan)
             try:
@@ -390,6 +457,10 @@ class _Encoder:
 
 class _TemplateError(Exception):
     """The chat template's rendering does not allow exact loss masks (reported per line)."""
+
+
+class _TooLong(Exception):
+    """A record with more text than tokenization takes (reported per line)."""
 
 
 def _file_sha256(path: Path) -> str:
@@ -430,19 +501,23 @@ def _write_samples(path: Path, tokenizer, config: DataConfig, out: Path) -> int:
     encoder = _Encoder(tokenizer, config)
     count = 0
     with ArrowWriter(features=_features(), path=str(out / "data.arrow")) as writer:
-        chunk: list[tuple[int, str, dict]] = []
-        for record in _iter_records(path, log):
-            lineno, fmt, _ = record
+        chunk: list[tuple[int, str, dict, list[str]]] = []
+        chars = 0  # characters the chunk's tokenizer call will take
+        for lineno, fmt, rec in _iter_records(path, log, config.max_line_bytes):
             if fmt == "chat" and tokenizer.chat_template is None:
                 raise DatasetError(path, [f"line {lineno}: a 'messages' record, but the tokenizer has no chat template"])
             if fmt != "chat" and encoder.eos is None:
                 raise DatasetError(path, [f"line {lineno}: a {fmt} record, but the tokenizer has no eos token to end it"])
-            chunk.append(record)
-            if len(chunk) == _ENCODE_CHUNK:
+            plan = encoder.plan(lineno, fmt, rec, log)
+            if plan is None:
+                continue
+            chunk.append((lineno, fmt, rec, plan))
+            chars += sum(len(s) for s in plan)
+            if len(chunk) == _ENCODE_CHUNK or chars >= _ENCODE_CHARS:
                 for sample in encoder.encode_chunk(chunk, log):
                     writer.write(sample)
                     count += 1
-                chunk = []
+                chunk, chars = [], 0
         for sample in encoder.encode_chunk(chunk, log):
             writer.write(sample)
             count += 1

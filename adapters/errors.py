@@ -1,5 +1,7 @@
 """Errors the user can fix. The CLI prints them as one line; the API maps them to HTTP 400."""
 
+import reprlib
+
 
 class InputError(ValueError):
     """Bad input: a dataset, checkpoint, adapter or option that cannot be used.
@@ -11,3 +13,12 @@ class InputError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 120
+
+
+def brief(value) -> str:
+    """`repr` of a value taken from input, cut to a readable length and depth for an error message."""
+    return _BRIEF.repr(value)

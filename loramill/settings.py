@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     # Bounds on every request (hostile input is normal input): each answered 4xx before the cost is paid.
     max_header_bytes: int = Field(32 * 1024, gt=0, description="Request line plus headers, in bytes (431 beyond).")
     max_json_bytes: int = Field(1024 * 1024, gt=0, description="A JSON request body, in bytes (413 beyond).")
+    max_line_bytes: int = Field(4 * 1024 * 1024, gt=0, description="A dataset line, in bytes (the upload is refused beyond).")
     # Per-tenant quotas (0 turns one off): 429 with Retry-After, or 413 for storage.
     requests_per_minute: int = Field(1200, ge=0, description="API requests a tenant may make per minute, per API process.")
     max_active_jobs: int = Field(8, ge=0, description="Fine-tuning jobs and merges a tenant may have queued or running.")

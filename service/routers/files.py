@@ -57,7 +57,7 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     try:
         size, sha256 = store.write_stream(key, upload.file, max_bytes=limit)
         check_storage(session, tenant_id, services.settings.max_stored_bytes, size)
-        records = validate_jsonl(store.local_path(key), DataConfig())
+        records = validate_jsonl(store.local_path(key), DataConfig(max_line_bytes=services.settings.max_line_bytes))
         row = FileRow(id=file_id, tenant_id=tenant_id, filename=filename, purpose=purpose, bytes=size,
                       records=records, sha256=sha256, storage_key=key, created_at=now())
         session.add(row)
@@ -66,8 +66,9 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     except TooLarge:
         raise too_large(limit) from None
     except InputError as exc:
-        raise APIError(400, f"{filename}: {exc}".replace(f"{store.local_path(key)}: ", ""), param="file",
-                       code="invalid_file") from exc
+        stored_as = store.local_path(key)
+        message = str(exc).replace(f"{stored_as}: ", "").removeprefix(f"{stored_as.name}: ")
+        raise APIError(400, f"{filename}: {message}", param="file", code="invalid_file") from exc
     finally:
         if not stored:  # refused or failed: nothing stays
             store.discard(key)

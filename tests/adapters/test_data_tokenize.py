@@ -262,3 +262,29 @@ def test_without_cache_dir_files_are_removed_with_the_dataset(tok, tmp_path):
     del ds
     gc.collect()
     assert not arrow.parent.exists()
+
+
+def test_text_past_the_tokenization_bound_is_refused_not_cut(tok, tmp_path):
+    """max_seq_len × 32 characters are tokenized whole and truncated by tokens; one more is refused by line."""
+    from adapters.data import TEXT_CHARS_PER_TOKEN
+
+    config = DataConfig(max_seq_len=16)
+    bound = 16 * TEXT_CHARS_PER_TOKEN
+    row = one(tok, tmp_path, {"prompt": "p", "completion": "c" * (bound - 1)}, config)
+    assert row["length"] == 16
+    records = [{"text": "ok"}, {"text": "a" * (bound + 1)}, {"prompt": "p" * bound, "completion": "c"}]
+    with pytest.raises(DatasetError) as info:
+        tokenize_jsonl(write_lines(tmp_path / "long.jsonl", records), tok, config)
+    assert info.value.errors == [
+        f"line {n}: {bound + 1} characters of text; with max_seq_len 16 at most {bound} (32 a token) are tokenized: "
+        "shorten it or raise max_seq_len" for n in (2, 3)]
+
+
+def test_a_chat_whose_renderings_pass_the_bound_is_refused(tok, tmp_path):
+    """Every prefix of a conversation is rendered and tokenized: many short messages are bounded too."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(200)]
+    with pytest.raises(DatasetError) as info:
+        tokenize_jsonl(write_lines(tmp_path / "chat.jsonl", [{"messages": messages}]), tok, DataConfig(max_seq_len=16))
+    assert "line 1: its 200 messages render to more than 8192 characters to tokenize" in info.value.errors[0]
+    row = one(tok, tmp_path, {"messages": messages[:6]}, DataConfig(max_seq_len=64))
+    assert row["length"] == 64  # the same chat, shorter: tokenized and truncated as before

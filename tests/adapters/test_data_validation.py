@@ -168,3 +168,20 @@ def test_bad_config_is_refused(tmp_path, config, param):
     with pytest.raises(InputError) as info:
         validate_jsonl(path, config)
     assert info.value.param == param
+
+
+def test_a_line_past_max_line_bytes_is_refused_while_read(tmp_path):
+    """The line is counted in blocks, never held or parsed; the lines after it are still checked."""
+    path = tmp_path / "long.jsonl"
+    with open(path, "wb") as f:
+        f.write(json.dumps(CHAT).encode() + b"\n")
+        f.write(b'{"text": "' + b"a" * (5 << 20) + b'"}\n')
+        f.write(b'{"text": 5}\n')
+        f.write(b'{"text": "' + b"b" * 300 + b'"}')  # the last line, without a newline
+    exc = errors_of(path, DataConfig(max_line_bytes=4096))
+    assert exc.errors == [f"line 2: {(5 << 20) + 12} bytes, longer than the limit of 4096 bytes a line",
+                          "line 3: field 'text': expected a string, got number"]
+    assert validate_jsonl(path.parent / write_lines(tmp_path / "ok.jsonl", [{"text": "a" * 4083}]),
+                          DataConfig(max_line_bytes=4096)) == 1  # 4095 bytes and a newline: fits
+    assert "line 1: 4097 bytes" in str(errors_of(write_lines(tmp_path / "no.jsonl", [{"text": "a" * 4085}]),
+                                                 DataConfig(max_line_bytes=4096)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -373,3 +374,180 @@ def test_a_sha256_is_recorded_for_every_stored_file(api):
     f = api.upload("alice", content).json()
     response = api.client.get(f"/v1/files/{f['id']}/content", headers=api.auth("alice"))
     assert response.headers["x-content-sha256"] == hashlib.sha256(content).hexdigest()
+
+
+# --- What a tenant's adapter or dataset can make the core do (findings 1, 2, 4, 5, 6) -------------------------------
+
+
+def _safetensors(header: dict | bytes, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def _stored(server) -> list:
+    root = pathlib.Path(server.env["LORAMILL_DATA_DIR"]) / "artifacts"
+    return sorted(p for p in root.rglob("*") if p.is_file() and ".trash" not in p.parts)
+
+
+def _post_adapter(server, client, config: bytes, weights: bytes) -> httpx.Response:
+    files = [("file", ("adapter_config.json", config, "application/json")),
+             ("file", ("adapter_model.safetensors", weights, "application/octet-stream"))]
+    return client.post(f"{server.url}/v1/adapters", headers={"Authorization": f"Bearer {server.key}"},
+                       data={"base_model": "tiny"}, files=files, timeout=120)
+
+
+def _assert_refused_and_nothing_stored(server, client, response, stored_before, *words):
+    error = assert_openai_error(response, 400)
+    for word in words:
+        assert word in error["message"], error
+    assert _stored(server) == stored_before
+    listed = client.get(f"{server.url}/v1/adapters", headers={"Authorization": f"Bearer {server.key}"})
+    assert listed.status_code == 200 and listed.json()["data"] == []  # and the connection is still good
+    return error
+
+
+@pytest.mark.slow
+def test_a_redos_rank_pattern_is_matched_in_linear_time(server, peft_adapter):
+    """Finding 1: `(a+)+` against a module of 28 `a`s and a `!` stalled /healthz 29.8 s in Python's re.
+
+    `aaa…a` matches the key (rank 4) and `aaa…a!` does not (rank r = 8, as PEFT gives it), whose
+    rank-2 tensors are then refused: the adapter is refused before it is bound to the base.
+    """
+    config = json.loads((peft_adapter / "adapter_config.json").read_text())
+    config.update(r=8, rank_pattern={"(a+)+": 4})
+    header, offset = {}, 0
+    for name, rank in (("a" * 28, 4), ("a" * 28 + "!", 2)):
+        for part, shape in (("lora_A", [rank, 8]), ("lora_B", [8, rank])):
+            header[f"base_model.model.{name}.{part}.weight"] = {"dtype": "F32", "shape": shape,
+                                                               "data_offsets": [offset, offset + 32 * rank]}
+            offset += 32 * rank
+    before = _stored(server)
+    with httpx.Client() as client, HealthWatch(server.url) as health:
+        response = _post_adapter(server, client, json.dumps(config).encode(), _safetensors(header, b"\0" * offset))
+        _assert_refused_and_nothing_stored(server, client, response, before,
+                                           f"module '{'a' * 28}!' has lora_A.weight [2, 8]", "configured rank is 8")
+        invalid = {**config, "rank_pattern": {"(unclosed": 4}}  # and an invalid regex is a 400, not a 500
+        response = _post_adapter(server, client, json.dumps(invalid).encode(), (peft_adapter /
+                                 "adapter_model.safetensors").read_bytes())
+        _assert_refused_and_nothing_stored(server, client, response, before, "not a valid regular expression")
+    assert health.worst < HEALTHZ_BUDGET_S, health.worst
+
+
+@pytest.mark.slow
+def test_a_huge_safetensors_header_is_refused_from_its_length(server, peft_adapter):
+    """Finding 4: a 55 MB header of 550k entries took 11.9 s and 561 MB; now its 8-byte length refuses it.
+
+    /healthz is timed on a 5 MB header (see the 50 MB dataset line below for why not on 55 MB).
+    """
+    entry = {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    for count, timed in ((550_000, False), (50_000, True)):
+        header = json.dumps({f"base_model.model.layers.{i}.lora_A.weight": entry for i in range(count)}).encode()
+        files = [("file", ("adapter_config.json", (peft_adapter / "adapter_config.json").read_bytes())),
+                 ("file", ("adapter_model.safetensors", _safetensors(header)))]
+        before, rss_before = _stored(server), server.rss()
+        with httpx.Client(timeout=120) as client:
+            request = client.build_request("POST", f"{server.url}/v1/adapters", data={"base_model": "tiny"},
+                                           files=files, headers={"Authorization": f"Bearer {server.key}"})
+            request.read()  # the multipart body is encoded here, not while /healthz is timed from this process
+            with HealthWatch(server.url) as health:
+                response = client.send(request)
+            _assert_refused_and_nothing_stored(server, client, response, before, f"header of {len(header)} bytes "
+                                               "is larger than", "an adapter for a base of")
+        assert server.rss() - rss_before < 100 << 20
+        if timed:
+            assert health.worst < HEALTHZ_BUDGET_S, health.worst
+
+
+def _bad_weights(adapter, case: str) -> bytes:
+    """The real adapter's safetensors file with one thing broken by hand."""
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    first, second = header[names[0]], header[names[1]]
+    if case == "string data_offsets":
+        first["data_offsets"] = [str(x) for x in first["data_offsets"]]
+    elif case == "shape 1e999":
+        return _safetensors(json.dumps(header).replace(json.dumps(first["shape"]), "[1e999, 1]", 1).encode(), body)
+    elif case == "dtype in a list":
+        first["dtype"] = [first["dtype"]]
+    elif case.startswith("nested"):
+        depth = int(case.split()[1].replace(",", ""))
+        return _safetensors(b'{"x": ' + b"[" * depth + b"]" * depth + b"}")
+    elif case == "overlapping offsets":  # header bytes would have been read as weights
+        second["data_offsets"] = [second["data_offsets"][0] - 8, second["data_offsets"][1] - 8]
+    elif case == "negative offsets":
+        second["data_offsets"] = [-8, second["data_offsets"][1] - second["data_offsets"][0] - 8]
+    return _safetensors(header, body)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "words"), [
+    ("string data_offsets", "is not two non-negative integers"),
+    ("shape 1e999", "is not a list of non-negative integers"),
+    ("dtype in a list", "is not a safetensors dtype"),
+    ("nested 30,000 deep", "nested too deeply"),
+    ("nested 100,000 deep", "is larger than"),  # than an adapter for this base can have: refused unread
+    ("overlapping offsets", "overlaps the tensor before it"),
+    ("negative offsets", "is not two non-negative integers"),
+])
+def test_malformed_safetensors_are_a_400_naming_the_problem(server, peft_adapter, case, words):
+    """Findings 5 and 6: these answered 500, or were stored and merged with header bytes as weights."""
+    before = _stored(server)
+    with httpx.Client() as client:
+        response = _post_adapter(server, client, (peft_adapter / "adapter_config.json").read_bytes(),
+                                 _bad_weights(peft_adapter, case))
+        _assert_refused_and_nothing_stored(server, client, response, before, "adapter_model.safetensors: ", words)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda raw: raw.replace(b'"r": 4', b'"r": NaN'), "NaN is not a JSON number"),
+    (lambda raw: raw.replace(b'"r": 4', b'"r": Infinity'), "Infinity is not a JSON number"),
+    (lambda raw: raw.replace(b'"r": 4', b'"r": 4.5'), "r must be a positive integer, got 4.5"),
+    (lambda raw: raw.replace(b'"lora_alpha": 8', b'"lora_alpha": NaN'), "NaN is not a JSON number"),
+    (lambda raw: raw.replace(b'"lora_alpha": 8', b'"lora_alpha": 1e308'), "lora_alpha must be a number above 0"),
+    (lambda raw: json.dumps({**json.loads(raw), "target_modules": 5}).encode(), "target_modules must be a string"),
+    (lambda raw: raw[:-1] + b', "x": "\xff\xfe"}', "not valid UTF-8"),
+    (lambda raw: b'{"r": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (lambda raw: json.dumps({**json.loads(raw), "rank_pattern": {"q_proj[": 8}}).encode(),
+     "not a valid regular expression"),
+])
+def test_adapter_configs_lora_config_would_not_take_are_a_400(server, peft_adapter, change, words):
+    """Findings 5 and 6: 500s, and `r: 4.5` stored as rank 4 where PEFT scales by alpha/4.5."""
+    raw = json.dumps(json.loads((peft_adapter / "adapter_config.json").read_text())).encode()
+    assert b'"r": 4' in raw and b'"lora_alpha": 8' in raw
+    before = _stored(server)
+    with httpx.Client() as client:
+        response = _post_adapter(server, client, change(raw), (peft_adapter / "adapter_model.safetensors").read_bytes())
+        error = _assert_refused_and_nothing_stored(server, client, response, before, words)
+    assert "/" not in error["message"]  # no directory names
+
+
+@pytest.mark.slow
+def test_a_50_mb_dataset_line_is_refused_at_upload_by_its_length(server):
+    """Finding 2: one valid 50 MB line uploaded, then grew a worker past 7 GB; now the upload names the line.
+
+    /healthz is timed on a 5 MB line: receiving any 50 MB multipart body, valid or not, stalls this API's
+    event loop 80-150 ms on a loaded machine before the file reaches the check (the upload path's cost,
+    seen with a 50 MB file of valid short lines too); the check itself holds the GIL ~20 ms on 50 MB.
+    """
+    auth = {"Authorization": f"Bearer {server.key}"}
+    for megabytes, timed in ((50, False), (5, True)):
+        line = b'{"text": "' + b"a" * (megabytes << 20) + b'"}\n'
+        content = chat_lines(2).encode() + line + chat_lines(1).encode()
+        before, rss_before = _stored(server), server.rss()
+        with httpx.Client(timeout=120) as client:
+            request = client.build_request("POST", f"{server.url}/v1/files", data={"purpose": "fine-tune"},
+                                           files={"file": ("big.jsonl", content)}, headers=auth)
+            request.read()  # encoded before /healthz is timed from this process
+            with HealthWatch(server.url) as health:
+                response = client.send(request)
+            error = assert_openai_error(response, 400, "file")
+            listed = client.get(f"{server.url}/v1/files", headers=auth).json()
+        assert error["message"] == (f"big.jsonl: 1 error; first: line 3: {len(line) - 1} bytes, longer than the limit "
+                                    f"of {4 << 20} bytes a line")
+        assert listed["data"] == [] and _stored(server) == before
+        assert server.rss() - rss_before < 100 << 20
+        if timed:
+            assert health.worst < HEALTHZ_BUDGET_S, health.worst
