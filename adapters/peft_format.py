@@ -110,13 +110,16 @@ class BaseWeights:
     config: dict
     tensors: dict[str, TensorInfo]
     tied: tuple[str, str] | None
+    known_renames: dict[str, str] | None = None  # `renamed`, worked out before (e.g. when the base was registered)
 
     @cached_property
     def renamed(self) -> dict[str, str]:
         """`{model key: checkpoint key}` for the tensors transformers loads under another name.
 
-        Costly on first use (imports transformers; see `adapters.layouts`), so only `key` asks.
+        Costly on first use when not known (imports transformers; see `adapters.layouts`), so only `key` asks.
         """
+        if self.known_renames is not None:
+            return self.known_renames
         return transformers_renames(self.config, self.tensors)
 
     def key(self, name: str) -> str:
@@ -153,8 +156,11 @@ class LoraBinding:
     transposed: bool
 
 
-def read_base(base_dir: Path) -> BaseWeights:
-    """Headers and config of a base checkpoint; finds the embedding a missing tied head reads."""
+def read_base(base_dir: Path, renames: dict[str, str] | None = None) -> BaseWeights:
+    """Headers and config of a base checkpoint; finds the embedding a missing tied head reads.
+
+    `renames`: the base's `BaseWeights.renamed`, when already known (it then costs nothing).
+    """
     base_dir = Path(base_dir)
     tensors = read_checkpoint(base_dir)
     config = read_config(base_dir)
@@ -168,7 +174,7 @@ def read_base(base_dir: Path) -> BaseWeights:
         ]
         if len(candidates) == 1:
             tied = (HEAD_TENSOR, candidates[0])
-    return BaseWeights(base_dir, config, tensors, tied)
+    return BaseWeights(base_dir, config, tensors, tied, renames)
 
 
 def adapter_header_limits(base: BaseWeights) -> HeaderLimits:
@@ -372,7 +378,8 @@ def bind_adapter(adapter: AdapterInfo, base: BaseWeights) -> list[LoraBinding]:
     return bindings
 
 
-def validate_adapter(adapter_dir: str | Path, base_dir: str | Path, *, max_rank: int) -> AdapterInfo:
+def validate_adapter(adapter_dir: str | Path, base_dir: str | Path, *, max_rank: int,
+                     renames: dict[str, str] | None = None) -> AdapterInfo:
     """Check a PEFT adapter against a base checkpoint by headers alone.
 
     Refuses pickled weights, unsupported LoRA variants, a header larger than an adapter for this
@@ -380,9 +387,9 @@ def validate_adapter(adapter_dir: str | Path, base_dir: str | Path, *, max_rank:
     target modules the base lacks, and any tensor whose shape does not fit (naming the tensor and
     both shapes).
     A module the base stores under another key costs a lookup of transformers' renames
-    (`BaseWeights.key`); everything else reads only the JSON headers.
+    (`BaseWeights.key`) unless `renames` gives them; everything else reads only the JSON headers.
     """
-    base = read_base(Path(base_dir))
+    base = read_base(Path(base_dir), renames)
     adapter = read_adapter(adapter_dir, adapter_header_limits(base))
     if adapter.max_rank > max_rank:
         worst = max(adapter.loras.values(), key=lambda m: m.rank)

@@ -14,16 +14,22 @@ from jobs.tenants import check_name
 
 
 def register_base_model(session: Session, name: str, path: str) -> BaseModelRow:
-    """Check `path` is a loadable safetensors checkpoint (headers and config only) and register it as `name`."""
+    """Check `path` is a loadable safetensors checkpoint (headers and config only) and register it as `name`.
+
+    Works out the base's checkpoint key renames now (`adapters.layouts`: imports transformers, seconds),
+    once, so that no adapter upload for it ever has to.
+    """
     from adapters.checkpoint import read_checkpoint, read_config, resolve_model_dir
 
     check_name(name, "model")
     if session.get(BaseModelRow, name) is not None:
         raise InputError(f"model {name!r} is already registered", param="name", code="model_exists")
+    from adapters.layouts import transformers_renames
+
     model_dir = resolve_model_dir(path)
-    read_config(model_dir)
-    read_checkpoint(model_dir)
-    row = BaseModelRow(name=name, path=str(model_dir.resolve()), created_at=now())
+    config = read_config(model_dir)
+    renames = transformers_renames(config, read_checkpoint(model_dir))
+    row = BaseModelRow(name=name, path=str(model_dir.resolve()), created_at=now(), renames=renames)
     session.add(row)
     session.commit()
     return row

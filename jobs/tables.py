@@ -79,6 +79,9 @@ class BaseModelRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[int] = mapped_column(BigInteger)
+    # {model key: checkpoint key} where transformers renames on load (`adapters.layouts`), worked out at
+    # registration so validating an upload never has to import transformers; None: registered before that
+    renames: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
 
 
 class FileRow(Base):

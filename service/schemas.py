@@ -17,6 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from adapters.peft_format import MAX_LORA_ALPHA
 from merge.options import describe as describe_merges
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
@@ -104,7 +105,7 @@ def _module_names(value):
 
 class LoraOptions(Body):
     rank: ranged(int, 1) = 8
-    alpha: ranged(float, 0, 1e6, low_open=True) | None = None  # default: 2 * rank
+    alpha: ranged(float, 0, MAX_LORA_ALPHA, low_open=True) | None = None  # default: 2 * rank
     dropout: ranged(float, 0, 1, high_open=True) = 0.0
     target_modules: Annotated[
         Literal["all-linear"] | Annotated[list[StrictStr], Field(min_length=1, max_length=64),

@@ -7,6 +7,7 @@ it passes the limit; the parser's spooled temporary files are anonymous, so noth
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import PurePosixPath
@@ -47,13 +48,19 @@ async def read_form(request: Request, max_bytes: int, *, max_files: int) -> Form
 
 
 async def _at_most(stream: AsyncIterator[bytes], cap: int, limit: int) -> AsyncIterator[bytes]:
-    """`stream`, refused with 413 once more than `cap` bytes have passed."""
+    """`stream`, refused with 413 once more than `cap` bytes have passed.
+
+    Yields to the event loop between chunks: when the body arrives faster than it is parsed, the
+    server's receive() returns without ever suspending, and a large upload would otherwise be
+    parsed in one go while every other request waits.
+    """
     seen = 0
     async for chunk in stream:
         seen += len(chunk)
         if seen > cap:
             raise too_large(limit)
         yield chunk
+        await asyncio.sleep(0)
 
 
 def form_text(form: FormData, name: str, *, required: bool = True) -> str | None:

@@ -24,7 +24,7 @@ from jobs.artifacts import TooLarge, adapter_key, file_digest
 from jobs.ids import new_id
 from jobs.quotas import check_storage
 from jobs.store import FINISHED, base_model, get_owned, now, page
-from jobs.tables import AdapterRow, MergeRow
+from jobs.tables import AdapterRow, BaseModelRow, MergeRow
 from jobs.tenants import check_name
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.downloads import Stored, archive_download
@@ -79,7 +79,8 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
                             raise TooLarge(limit)
                         out.write(chunk)
             check_storage(session, tenant_id, services.settings.max_stored_bytes, size)
-            adapter = validate_adapter(tmp, base.path, max_rank=services.settings.max_rank)
+            renames = session.scalar(select(BaseModelRow.renames).where(BaseModelRow.name == base.name))
+            adapter = validate_adapter(tmp, base.path, max_rank=services.settings.max_rank, renames=renames)
             files = [file_digest(tmp / filename) for filename in ADAPTER_FILES]
     except TooLarge:
         raise too_large(limit) from None

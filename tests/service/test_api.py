@@ -316,3 +316,33 @@ def test_metrics_count_jobs_by_status(api):
         session.commit()
     text = api.client.get("/metrics").text
     assert 'loramill_job_duration_seconds_count{kind="fine_tuning",status="succeeded"} 1.0' in text
+
+
+@pytest.mark.parametrize("lora", [
+    dict(target_modules=["query_key_value", "lm_head"]),
+    dict(target_modules=["dense_h_to_4h"], modules_to_save=["lm_head"]),
+], ids=["lora-on-head", "head-in-modules-to-save"])
+def test_a_gpt_neox_adapter_on_its_renamed_head_uploads_without_working_out_renames_again(make_api, make_base, lora,
+                                                                                           tmp_path, monkeypatch):
+    """GPT-NeoX stores its head as `embed_out.weight`; the renames are worked out once, at registration."""
+    import adapters.layouts
+    from tests.merge.helpers import save_peft_adapter
+
+    api = make_api(max_upload_bytes=4 << 20)  # a head LoRA (and a saved head) are larger than the default test cap
+    neox = make_base(arch="gpt_neox")
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert api.client.post("/v1/models", headers=admin, json={"name": "neox", "path": str(neox)}).status_code == 200
+    with api.app.state.services.db.sessions() as session:
+        from jobs.tables import BaseModelRow
+
+        assert session.get(BaseModelRow, "neox").renames == {"lm_head.weight": "embed_out.weight"}
+
+    def never(*_args):
+        raise AssertionError("an upload worked out the base's renames again")
+
+    monkeypatch.setattr(adapters.layouts, "transformers_renames", never)
+    monkeypatch.setattr("adapters.peft_format.transformers_renames", never)
+    adapter = save_peft_adapter(neox, tmp_path / "adapter", r=4, lora_alpha=8, **lora)
+    response = upload_adapter(api, "alice", adapter, base="neox")
+    assert response.status_code == 200, response.text
+    assert response.json()["base_model"] == "neox"
