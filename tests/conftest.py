@@ -1,4 +1,4 @@
-"""Shared fixtures: small base models made once per test session."""
+"""Shared fixtures: small base models made once per test session; a fresh broker of each kind per test."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapters.basemodel import BaseModelSpec, create_base_model
+from tests.services import BROKERS, fresh_broker
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +50,10 @@ def peft_adapter(tmp_path_factory, llama_base):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request):
+    """A broker of its own for the test, once on Redis and once on RabbitMQ: its URL."""
+    with fresh_broker(request.param) as url:
+        yield url

@@ -1,8 +1,9 @@
-"""Real Redis and PostgreSQL for tests: check they answer, start them if not (a fresh CI machine).
+"""Real Redis, RabbitMQ and PostgreSQL for tests: check they answer, start them if not (a fresh CI machine).
 
 The start commands are the ones in design.md "Services on these machines". Each test session
-gets its own PostgreSQL database (`loramill_test_<random>`, dropped afterwards) and an empty
-Redis database number, so parallel runs don't collide.
+gets its own PostgreSQL database (`loramill_test_<random>`, dropped afterwards), and each test
+that uses a broker an empty Redis database number or a RabbitMQ virtual host of its own
+(`loramill-test-<random>`, deleted afterwards), so parallel runs never see each other's messages.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import httpx
 
 REDIS = ("127.0.0.1", 6379)
 POSTGRES = ("127.0.0.1", 5432)
+RABBITMQ = ("127.0.0.1", 5672)
+BROKERS = ("redis", "rabbitmq")
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -45,6 +48,13 @@ def ensure_redis() -> None:
         subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
                         "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"], check=True)
         _wait(REDIS, "redis")
+
+
+def ensure_rabbitmq() -> None:
+    if not _answers(RABBITMQ):  # the Debian wrapper runs the node as the rabbitmq user
+        subprocess.run(["rabbitmq-server", "-detached"], check=True)
+        _wait(RABBITMQ, "rabbitmq", timeout_s=90)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True)
 
 
 def ensure_postgres() -> None:
@@ -92,6 +102,33 @@ def release_redis(url: str) -> None:
     import redis
 
     redis.Redis.from_url(url).flushdb()
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost() -> Iterator[str]:
+    """A new virtual host that guest may use; yields its broker URL and deletes it (queues and all) at the end."""
+    ensure_rabbitmq()
+    name = f"loramill-test-{secrets.token_hex(4)}"
+    for command in (["add_vhost", name], ["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", "-q", *command], check=True, capture_output=True)
+    try:
+        yield f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def fresh_broker(kind: str) -> Iterator[str]:
+    """A broker URL (`kind` in `BROKERS`) that no other test or run uses, emptied afterwards."""
+    if kind == "rabbitmq":
+        with rabbitmq_vhost() as url:
+            yield url
+        return
+    url = free_redis_url()
+    try:
+        yield url
+    finally:
+        release_redis(url)
 
 
 def free_port() -> int:
