@@ -56,10 +56,16 @@ def is_amqp(broker_url: str | None) -> bool:
     return (broker_url or "").startswith(AMQP_SCHEMES)
 
 
-def job_queues(*, quorum: bool) -> tuple[Queue, ...]:
-    """The train and merge queues: durable, one direct exchange each; quorum queues on RabbitMQ."""
-    arguments = {"x-queue-type": "quorum"} if quorum else None
-    return tuple(Queue(q, Exchange(q, type="direct"), routing_key=q, durable=True, queue_arguments=arguments)
+def job_queues(*, amqp: bool) -> tuple[Queue, ...]:
+    """The train and merge queues: durable, each bound to an exchange of its own by its name.
+
+    On RabbitMQ: quorum queues, and topic exchanges (a routing key without wildcards routes as a
+    direct one does), because Celery's native delayed delivery, which it sets up beside quorum
+    queues, binds only topic exchanges and warns at every worker start about direct ones.
+    """
+    arguments = {"x-queue-type": "quorum"} if amqp else None
+    kind = "topic" if amqp else "direct"
+    return tuple(Queue(q, Exchange(q, type=kind), routing_key=q, durable=True, queue_arguments=arguments)
                  for q in QUEUES)
 
 
@@ -89,13 +95,13 @@ def celery_config(settings: Settings) -> dict:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "worker_detect_quorum_queues": True,
-        # Celery declares its native delayed-delivery queues beside quorum queues; no task here is
-        # ever delayed, so classic ones (cheap, unreplicated) will do
+        # Celery declares 28 native delayed-delivery queues beside quorum queues; no task here is
+        # delayed (no countdown or eta), so classic ones (cheap, unreplicated) will do
         "broker_native_delayed_delivery_queue_type": "classic",
         "task_ignore_result": True,
         "task_serializer": "json",
         "accept_content": ["json"],
-        "task_queues": job_queues(quorum=amqp),
+        "task_queues": job_queues(amqp=amqp),
         "task_default_queue": TRAIN_QUEUE,
         "task_routes": {TRAIN_TASK: {"queue": TRAIN_QUEUE}, MERGE_TASK: {"queue": MERGE_QUEUE}},
         "worker_hijack_root_logger": False,

@@ -22,8 +22,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".loramill"), description="All embedded state lives here.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
-    broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded.")
-    result_backend: str | None = Field(None, description="Celery result backend; default: the broker.")
+    broker_url: str | None = Field(None, description="Celery broker: redis://host:6379/0 or amqp://user:pass@host:5672/vhost; "
+                                                     "unset = embedded.")
+    result_backend: str | None = Field(None, description="Celery result backend (job state lives in the store); default: a "
+                                                         "Redis broker, else none.")
     artifacts_dir: Path | None = Field(None, description="Artifact store root; default data_dir/artifacts.")
     dataset_cache_dir: Path | None = Field(None, description="Tokenized datasets, by content hash; default data_dir/cache/datasets.")
     admin_key: str | None = Field(None, description="Key that may register base models over HTTP.")

@@ -85,6 +85,25 @@ def test_the_api_reaches_the_engine_for_each_base_it_serves():
     assert "train" in SERVICES["train-worker"]["command"] and "merge" in SERVICES["merge-worker"]["command"]
 
 
+def test_rabbitmq_is_the_documented_alternative_broker_and_outlasts_any_job():
+    """`--profile rabbitmq` with the documented amqp URL reaches the rabbitmq service as its user; its
+    consumer timeout is at least Redis's visibility timeout (a job's message stays unacknowledged)."""
+    rabbitmq, env = SERVICES["rabbitmq"], COMPOSE["x-loramill-env"]
+    assert rabbitmq["profiles"] == ["rabbitmq"]
+    header = (ROOT / "docker-compose.yml").read_text()
+    (user, password, host, port), = re.findall(r"LORAMILL_BROKER_URL=amqp://(\w+):(\w+)@(\w+):(\d+)/ docker compose "
+                                               r"--profile rabbitmq up", header)
+    assert (user, password) == (rabbitmq["environment"]["RABBITMQ_DEFAULT_USER"],
+                                rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"])
+    assert host == rabbitmq["hostname"] and port == "5672"
+    erl_args = rabbitmq["environment"]["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].split()
+    consumer_timeout_ms = int(erl_args[erl_args.index("consumer_timeout") + 1])
+    assert consumer_timeout_ms >= int(env["LORAMILL_VISIBILITY_TIMEOUT_S"]) * 1000
+    assert env["LORAMILL_BROKER_URL"] == "${LORAMILL_BROKER_URL:-redis://redis:6379/0}"  # Redis unless told
+    for name in ("api", "train-worker", "merge-worker"):
+        assert SERVICES[name]["depends_on"]["rabbitmq"] == {"condition": "service_healthy", "required": False}
+
+
 def test_the_dockerfile_copies_every_package_and_only_paths_that_exist():
     dockerfile = (ROOT / "Dockerfile").read_text()
     copied = set()
@@ -98,18 +117,17 @@ def test_the_dockerfile_copies_every_package_and_only_paths_that_exist():
 
 
 @pytest.mark.slow
-def test_the_worker_healthcheck_reaches_a_real_worker(tmp_path):
-    """The compose healthcheck's `celery inspect ping -d <node>` answered by a real `loramill worker` on Redis."""
+def test_the_worker_healthcheck_reaches_a_real_worker(tmp_path, broker_url):
+    """The compose healthcheck's `celery inspect ping -d <node>` answered by a real `loramill worker`, on either broker."""
     import os
     import socket
     import subprocess
     import sys
 
-    from tests.services import free_redis_url, release_redis, stop
+    from tests.services import stop
 
-    broker = free_redis_url()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")},
-           "LORAMILL_DATA_DIR": str(tmp_path / "data"), "LORAMILL_BROKER_URL": broker}
+           "LORAMILL_DATA_DIR": str(tmp_path / "data"), "LORAMILL_BROKER_URL": broker_url}
     worker = subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "worker", "--queues",
                                "merge", "--pool", "solo", "--node-name", "loramill-merge@%h"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,4 +141,3 @@ def test_the_worker_healthcheck_reaches_a_real_worker(tmp_path):
         assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
     finally:
         stop(worker)
-        release_redis(broker)
