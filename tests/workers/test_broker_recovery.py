@@ -102,17 +102,25 @@ def test_a_worker_killed_mid_job_is_replaced_within_two_minutes(tmp_path, llama_
         survivor = workers["b" if holder == "a" else "a"]
         wait_for(lambda: job()["status"] == "running" and holds_lease(survivor.pid, job_id, env), 120,
                  "the job running again on the other worker")
-        assert time.monotonic() - killed_at < 120
+        back_after_s = time.monotonic() - killed_at
+        print(f"running again on the other worker {back_after_s:.0f} s after the kill")
+        assert back_after_s < 120
         done = wait_for(lambda: (j := job())["status"] in ("succeeded", "failed") and j, 300, "the job finishing")
         assert done["status"] == "succeeded", done["error"]
         assert sorted(steps()) == list(range(1, 49))  # 8 steps a epoch, 6 epochs, none twice
         assert [e["message"] for e in events()].count("Its worker stopped responding; the job is queued again") == 1
+        assert job_row(job_id, env).attempts == 2  # on RabbitMQ, the message redelivered at the kill claimed nothing
         queue = JobQueue(Settings(data_dir=tmp_path / "data", broker_url=broker_url))
         assert queue.depths() == dict.fromkeys(QUEUES, 0)  # no message left waiting: the job was resent once
 
 
 def holds_lease(pid: int, job_id: str, env) -> bool:
     """Whether worker process `pid` holds the job's lease (the job row names its holder `host:pid`)."""
+    row = job_row(job_id, env)
+    return row.status == "running" and row.worker is not None and row.worker.endswith(f":{pid}")
+
+
+def job_row(job_id: str, env):
     from sqlalchemy import create_engine, select
 
     from jobs.tables import JobRow
@@ -120,10 +128,9 @@ def holds_lease(pid: int, job_id: str, env) -> bool:
     engine = create_engine(env["LORAMILL_DATABASE_URL"])
     try:
         with engine.connect() as conn:
-            holder = conn.execute(select(JobRow.worker, JobRow.status).where(JobRow.id == job_id)).one()
+            return conn.execute(select(JobRow.worker, JobRow.status, JobRow.attempts).where(JobRow.id == job_id)).one()
     finally:
         engine.dispose()
-    return holder.status == "running" and holder.worker is not None and holder.worker.endswith(f":{pid}")
 
 
 @contextlib.contextmanager
