@@ -110,6 +110,19 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+def worker_pool_config(pool: str) -> dict:
+    """What a worker running Celery pool `pool` changes in `celery_config`.
+
+    A solo worker runs each job on its event loop, which answers no AMQP heartbeats meanwhile:
+    RabbitMQ would close its connection during any job longer than two heartbeat timeouts (2 min
+    by default), and the job's message would come back and be acknowledged as a duplicate. A solo
+    worker turns heartbeats off; the broker then notices a dead solo worker by its TCP connection,
+    and its job comes back through the lease meanwhile. Prefork workers heartbeat from their main
+    process while a child runs the job. Heartbeats are an AMQP matter: other brokers ignore this.
+    """
+    return {"broker_heartbeat": 0} if pool == "solo" else {}
+
+
 class JobQueue:
     """Sends tasks by name to the configured broker; reports reachability and queue depths."""
 

@@ -83,7 +83,7 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: 
     """Run a Celery worker for the configured broker (embedded filesystem transport when none)."""
     from adapters.errors import InputError
     from jobs.db import database, migrate
-    from jobs.queue import QUEUES
+    from jobs.queue import QUEUES, worker_pool_config
     from loramill.settings import get_settings
     from workers.celery_app import app
 
@@ -97,6 +97,7 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: 
     url = get_settings().resolved_database_url
     migrate(url)
     database(url).engine.dispose()  # children of a prefork pool open their own connections
+    app.conf.update(worker_pool_config(pool))
     app.worker_main(["worker", "-Q", ",".join(names), "-P", pool, "-c", str(concurrency), "-l", loglevel,
                      "-n", node_name or f"loramill-{'-'.join(names)}-{os.getpid()}@%h", "--without-gossip",
                      "--without-mingle"])
