@@ -1,0 +1,178 @@
+"""The web console at `/`, end to end in Debian's headless chromium (Playwright driving /usr/bin/chromium).
+
+Against a real `loramill serve` (its embedded worker and engine): alice signs in with her API key,
+uploads the sample dataset through the page, starts a short job, watches the loss curve grow while it
+runs, sees its checkpoints and events, downloads an adapter file checked against its sha256, and
+streams chat answers in the playground, two models side by side. Bob's job never shows. Screenshots
+go under the test's temporary directory (`console-*.png`) and are checked: the chart's SVG paths
+have points, the answers' text is on the page, and the pixels of the curve are drawn.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.routers.console import CONSOLE_DIR
+from tests.service.conftest import chat_lines
+from tests.service.test_inference import serve  # noqa: F401 — `loramill serve` with tenants alice and bob
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
+SAMPLE = Path(__file__).resolve().parents[2] / "loramill" / "data" / "capitals.jsonl"
+
+
+def test_console_page_headers_and_assets(api):
+    page = api.client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self';" in policy and "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
+    assert page.headers["referrer-policy"] == "no-referrer" and page.headers["x-content-type-options"] == "nosniff"
+    assert "<script src=\"/console/app.js\"" in page.text and "<script>" not in page.text  # no inline script
+    for name in ("app.js", "style.css"):
+        asset = api.client.get(f"/console/{name}")
+        assert asset.status_code == 200 and asset.headers["content-security-policy"] == policy
+    for name in ("missing.js", "..%2Frouters%2Fconsole.py", "%2e%2e"):
+        response = api.client.get(f"/console/{name}")
+        assert response.status_code == 404 and "error" in response.json(), name
+
+
+def test_console_never_builds_markup_from_strings():
+    """Tenant text (names, events, answers) reaches the page as text nodes only: no HTML parsing sinks."""
+    source = (CONSOLE_DIR / "app.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+        assert sink not in source, sink
+    assert "localStorage" not in source and "document.cookie" not in source  # the key: session storage only
+
+
+def _train_points(page) -> int:
+    return int(page.get_attribute("#loss-chart path.series-train", "data-points") or 0)
+
+
+def _path_points(page, selector: str) -> int:
+    return len(re.findall(r"[ML]", page.get_attribute(selector, "d") or ""))
+
+
+def _drawn_pixels(png: Path) -> int:
+    """Pixels of the training curve's colour (#2457c5) in a screenshot of the chart."""
+    from PIL import Image
+
+    image = Image.open(png).convert("RGB")
+    return sum(1 for r, g, b in image.getdata() if abs(r - 0x24) < 40 and abs(g - 0x57) < 40 and abs(b - 0xc5) < 40)
+
+
+@pytest.mark.slow
+def test_console_end_to_end_in_chromium(serve, tmp_path):  # noqa: F811 — the imported fixture
+    from playwright.sync_api import expect, sync_playwright
+
+    url, keys = serve["url"], serve["keys"]
+    bob = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['bob']}"}, timeout=60)
+    bob_file = bob.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("b.jsonl", chat_lines(8))}).json()
+    bob_job = bob.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": bob_file["id"]}).json()["id"]
+    assert bob.post(f"/v1/fine_tuning/jobs/{bob_job}/cancel").status_code == 200  # keeps the worker free
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        errors, requests = [], []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda msg: msg.type == "error" and errors.append(msg.text))
+        page.on("request", lambda r: requests.append(r))
+
+        # sign in: a wrong key is refused on the page, the right one kept in session storage only
+        page.goto(url + "/")
+        page.fill("#api-key", "not-a-key")
+        page.click("button[type=submit]")
+        expect(page.locator(".signin .error")).to_contain_text("API key")
+        errors.clear()  # the refused sign-in's 401 is logged by the browser
+        page.fill("#api-key", keys["alice"])
+        page.click("button[type=submit]")
+        expect(page.locator("#new-job")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('loramill.apiKey')") == keys["alice"]
+        assert page.evaluate("localStorage.length") == 0 and context.cookies() == []
+
+        # upload the sample dataset (training and validation) and start a short job
+        expect(page.locator("#new-job select[name=model] option")).to_have_count(1)
+        page.set_input_files("#new-job input[name=training_file]", str(SAMPLE))
+        page.set_input_files("#new-job input[name=validation_file]", str(SAMPLE))
+        page.fill("#new-job input[name=n_epochs]", "3")
+        page.fill("#new-job input[name=batch_size]", "8")  # 96 examples: 12 steps an epoch, 36 in all
+        page.fill("#new-job input[name=learning_rate_multiplier]", "10")
+        page.fill("#new-job input[name=max_seq_len]", "64")
+        page.click("#new-job button[type=submit]")
+        page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
+        job_id = page.url.rsplit("/", 1)[-1]
+
+        # the curve grows while the job runs; the page follows the job to its end
+        seen, deadline = [], time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if page.locator("#job-summary [data-status=succeeded], #job-summary [data-status=failed]").count():
+                break  # the page renders the status and the curve in one go: the final curve is drawn
+            seen.append(_train_points(page))
+            if seen[-1] > 0 and not (shots / "console-job-running.png").exists():
+                page.screenshot(path=shots / "console-job-running.png", full_page=True)
+            time.sleep(0.3)
+        expect(page.locator("#job-summary [data-status]")).to_have_text("succeeded")
+        final = _train_points(page)
+        assert final == 36 and _path_points(page, "#loss-chart path.series-train") == 36
+        growing = sorted({n for n in seen if 0 < n < final})
+        assert growing, f"the curve was never seen part-drawn: {seen}"
+        assert _path_points(page, "#loss-chart path.series-valid") == 3  # one validation loss an epoch
+        expect(page.locator("#loss-chart .axis-label")).to_have_text(["step", "loss"])
+        box = page.locator("#loss-chart svg").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        expect(page.locator("#loss-chart .cursor")).to_contain_text(re.compile(r"step \d+.*training loss \d\.\d{4}"))
+        expect(page.locator("#checkpoints tbody tr")).to_have_count(3)  # once an epoch, the last is the adapter
+        expect(page.locator("#events")).to_contain_text("The job has successfully completed")
+        expect(page.locator("#cancel-job")).to_be_disabled()
+        page.locator("#loss-chart").screenshot(path=shots / "console-loss-chart.png")
+        page.screenshot(path=shots / "console-job-done.png", full_page=True)
+
+        # jobs list: alice's job, never bob's
+        page.click("nav a[data-view=jobs]")
+        expect(page.locator(f"#jobs tr[data-job='{job_id}'] [data-status]")).to_have_text("succeeded")
+        assert page.locator(f"#jobs tr[data-job='{bob_job}']").count() == 0 and bob_job not in page.content()
+        page.screenshot(path=shots / "console-jobs.png", full_page=True)
+
+        # adapters: files listed with their sha256; a download is fetched with the key and checked
+        page.click("nav a[data-view=models]")
+        weights = page.locator("#adapters button[data-download='adapter_model.safetensors']")
+        expect(weights).to_have_count(1)
+        expect(page.locator("#adapters code[data-sha256]").first).to_contain_text(re.compile(r"sha256:[0-9a-f]{64}"))
+        with page.expect_download() as download:
+            weights.click()
+        expect(page.locator("#adapters .verified")).to_have_text("sha256 verified")
+        assert download.value.suggested_filename == "adapter_model.safetensors"
+        page.screenshot(path=shots / "console-adapters.png", full_page=True)
+
+        # playground: the fine-tuned model and the base side by side, both streamed
+        fine_tuned = page.locator("#adapters td .mono").first.text_content()
+        assert fine_tuned.startswith("ft:tiny:alice")
+        page.click("nav a[data-view=playground]")
+        expect(page.locator(f"#model-0 option[value='{fine_tuned}']")).to_have_count(1)
+        page.select_option("#model-0", fine_tuned)
+        page.check("#compare")
+        page.select_option("#model-1", "tiny")
+        page.fill("#prompt", "What is the capital of Italy?")
+        page.fill("#max-tokens", "16")
+        page.click("#send")
+        for i in (0, 1):
+            expect(page.locator(f"#answer-{i}")).to_have_attribute("data-state", "done", timeout=120_000)
+        answers = [page.locator(f"#answer-{i}").text_content() for i in (0, 1)]
+        assert all(answer.strip() for answer in answers), answers
+        page.screenshot(path=shots / "console-playground.png", full_page=True)
+
+        assert not errors, errors
+        assert all(keys["alice"] not in r.url for r in requests)  # the key never travels in a URL
+        browser.close()
+
+    assert _drawn_pixels(shots / "console-loss-chart.png") > 500
+    for name in ("console-job-running", "console-job-done", "console-jobs", "console-adapters", "console-playground"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name
