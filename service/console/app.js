@@ -262,7 +262,8 @@ function niceTicks(low, high, count = 5) {
   const power = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * power).find((s) => s >= raw);
   const ticks = [];
-  for (let t = Math.ceil(low / step) * step; t <= high + step * 1e-9; t += step) ticks.push(Number(t.toFixed(10)));
+  const last = Math.ceil(high / step - 1e-9) * step;  // the top tick is at or above `high`: nothing drawn off the plot
+  for (let t = Math.floor(low / step + 1e-9) * step; t <= last + step * 1e-9; t += step) ticks.push(Number(t.toFixed(10)));
   return ticks;
 }
 
@@ -309,6 +310,7 @@ class LossChart {
       svg("path", { class: "series-train", d: path(this.data.train), "data-points": this.data.train.length }),
       svg("path", { class: "series-valid", d: path(this.data.valid), "data-points": this.data.valid.length }),
       svg("g", {}, this.data.valid.map(([s, l]) => svg("circle", { class: "dot-valid", cx: x(s), cy: y(l), r: 3 }))),
+      svg("g", {}, this.data.train.slice(-1).map(([s, l]) => svg("circle", { class: "dot-train", cx: x(s), cy: y(l), r: 3 }))),
     );
     if (!all.length) {
       this.root.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle" }, "No metrics yet"));
@@ -336,7 +338,7 @@ class LossChart {
     this.cursor?.remove();
     this.cursor = svg("g", { class: "cursor", "data-step": train[0] },
       svg("line", { x1: cx, x2: cx, y1: this.margin.top, y2: this.height - this.margin.bottom }),
-      svg("circle", { cx, cy, r: 4, class: "dot-train", fill: "currentColor" }),
+      svg("circle", { cx, cy, r: 4, class: "dot-train" }),
       svg("rect", { x: left, y: this.margin.top, width: boxWidth, height: boxHeight, rx: 4 }),
       lines.map((line, i) => svg("text", { x: left + 8, y: this.margin.top + 18 + 16 * i }, line)));
     this.root.append(this.cursor);

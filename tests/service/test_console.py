@@ -10,19 +10,25 @@ have points, the answers' text is on the page, and the pixels of the curve are d
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.embedded import READY_FILE
 from service.routers.console import CONSOLE_DIR
 from tests.service.conftest import chat_lines
 from tests.service.test_inference import serve  # noqa: F401 — `loramill serve` with tenants alice and bob
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
 SAMPLE = Path(__file__).resolve().parents[2] / "loramill" / "data" / "capitals.jsonl"
+EPOCHS = 2
+TOTAL_STEPS = EPOCHS * 12  # the sample's 96 examples in batches of 8
 
 
 def test_console_page_headers_and_assets(api):
@@ -49,6 +55,21 @@ def test_console_never_builds_markup_from_strings():
     assert "localStorage" not in source and "document.cookie" not in source  # the key: session storage only
 
 
+def _metrics_events(client: httpx.Client, job_id: str) -> list[dict]:
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    return [e for e in events if e["type"] == "metrics"]
+
+
+@contextlib.contextmanager
+def _paused(pid: int):
+    """The worker process stopped (SIGSTOP) for a moment, well within its lease; it goes on where it was."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _train_points(page) -> int:
     return int(page.get_attribute("#loss-chart path.series-train", "data-points") or 0)
 
@@ -61,8 +82,9 @@ def _drawn_pixels(png: Path) -> int:
     """Pixels of the training curve's colour (#2457c5) in a screenshot of the chart."""
     from PIL import Image
 
-    image = Image.open(png).convert("RGB")
-    return sum(1 for r, g, b in image.getdata() if abs(r - 0x24) < 40 and abs(g - 0x57) < 40 and abs(b - 0xc5) < 40)
+    pixels = Image.open(png).convert("RGB").tobytes()
+    return sum(1 for i in range(0, len(pixels), 3)
+               if abs(pixels[i] - 0x24) < 40 and abs(pixels[i + 1] - 0x57) < 40 and abs(pixels[i + 2] - 0xc5) < 40)
 
 
 @pytest.mark.slow
@@ -98,38 +120,44 @@ def test_console_end_to_end_in_chromium(serve, tmp_path):  # noqa: F811 — the 
         assert page.evaluate("sessionStorage.getItem('loramill.apiKey')") == keys["alice"]
         assert page.evaluate("localStorage.length") == 0 and context.cookies() == []
 
-        # upload the sample dataset (training and validation) and start a short job
+        # upload the sample dataset (and a part of it for validation) and start a short job
+        validation = tmp_path / "validation.jsonl"
+        validation.write_text("".join(SAMPLE.read_text().splitlines(keepends=True)[:16]))
         expect(page.locator("#new-job select[name=model] option")).to_have_count(1)
         page.set_input_files("#new-job input[name=training_file]", str(SAMPLE))
-        page.set_input_files("#new-job input[name=validation_file]", str(SAMPLE))
-        page.fill("#new-job input[name=n_epochs]", "3")
-        page.fill("#new-job input[name=batch_size]", "8")  # 96 examples: 12 steps an epoch, 36 in all
+        page.set_input_files("#new-job input[name=validation_file]", str(validation))
+        page.fill("#new-job input[name=n_epochs]", str(EPOCHS))
+        page.fill("#new-job input[name=batch_size]", "8")  # 96 examples: 12 steps an epoch
         page.fill("#new-job input[name=learning_rate_multiplier]", "10")
         page.fill("#new-job input[name=max_seq_len]", "64")
         page.click("#new-job button[type=submit]")
         page.wait_for_url(re.compile(r"#/jobs/ftjob-"))
         job_id = page.url.rsplit("/", 1)[-1]
 
-        # the curve grows while the job runs; the page follows the job to its end
-        seen, deadline = [], time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if page.locator("#job-summary [data-status=succeeded], #job-summary [data-status=failed]").count():
-                break  # the page renders the status and the curve in one go: the final curve is drawn
-            seen.append(_train_points(page))
-            if seen[-1] > 0 and not (shots / "console-job-running.png").exists():
-                page.screenshot(path=shots / "console-job-running.png", full_page=True)
-            time.sleep(0.3)
-        expect(page.locator("#job-summary [data-status]")).to_have_text("succeeded")
-        final = _train_points(page)
-        assert final == 36 and _path_points(page, "#loss-chart path.series-train") == 36
-        growing = sorted({n for n in seen if 0 < n < final})
-        assert growing, f"the curve was never seen part-drawn: {seen}"
-        assert _path_points(page, "#loss-chart path.series-valid") == 3  # one validation loss an epoch
+        # the curve grows while the job runs: the worker is paused once it has reported a few steps, the page
+        # catches up with exactly those (a part-drawn curve), then the worker goes on and the page follows it
+        alice = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {keys['alice']}"}, timeout=60)
+        deadline = time.monotonic() + 600
+        while len(_metrics_events(alice, job_id)) < 2:
+            assert time.monotonic() < deadline, alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+            time.sleep(0.05)
+        with _paused(int((serve["data"] / READY_FILE).read_text())):
+            reported = len(_metrics_events(alice, job_id))
+            assert alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
+            assert 2 <= reported < TOTAL_STEPS
+            expect(page.locator("#loss-chart path.series-train")).to_have_attribute("data-points", str(reported))
+            assert _path_points(page, "#loss-chart path.series-train") == reported
+            expect(page.locator("#job-summary [data-status]")).to_have_text("running")
+            page.screenshot(path=shots / "console-job-running.png", full_page=True)
+        expect(page.locator("#job-summary [data-status]")).to_have_text("succeeded", timeout=600_000)
+        # the page renders the status and the curve in one go: the final curve is drawn
+        assert _train_points(page) == TOTAL_STEPS and _path_points(page, "#loss-chart path.series-train") == TOTAL_STEPS
+        assert _path_points(page, "#loss-chart path.series-valid") == EPOCHS  # one validation loss an epoch
         expect(page.locator("#loss-chart .axis-label")).to_have_text(["step", "loss"])
         box = page.locator("#loss-chart svg").bounding_box()
         page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
         expect(page.locator("#loss-chart .cursor")).to_contain_text(re.compile(r"step \d+.*training loss \d\.\d{4}"))
-        expect(page.locator("#checkpoints tbody tr")).to_have_count(3)  # once an epoch, the last is the adapter
+        expect(page.locator("#checkpoints tbody tr")).to_have_count(EPOCHS)  # once an epoch, the last is the adapter
         expect(page.locator("#events")).to_contain_text("The job has successfully completed")
         expect(page.locator("#cancel-job")).to_be_disabled()
         page.locator("#loss-chart").screenshot(path=shots / "console-loss-chart.png")
