@@ -11,6 +11,7 @@ have points, the answers' text is on the page, and the pixels of the curve are d
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -169,20 +170,36 @@ def test_console_end_to_end_in_chromium(serve, tmp_path):  # noqa: F811 — the 
         assert page.locator(f"#jobs tr[data-job='{bob_job}']").count() == 0 and bob_job not in page.content()
         page.screenshot(path=shots / "console-jobs.png", full_page=True)
 
-        # adapters: files listed with their sha256; a download is fetched with the key and checked
+        # another tenant's job, asked for by id, is not found: the page shows nothing of it
+        page.goto(f"{url}/#/jobs/{bob_job}")
+        expect(page.locator("[role=alert]")).to_have_text(f"No such fine-tuning job: {bob_job}")
+        expect(page.locator("#job-summary dd")).to_have_count(0)
+        errors.clear()  # the browser logs that 404
+
+        # adapters and merges: files listed with their sha256; a download is fetched with the key, checked, saved
+        fine_tuned = alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"]
+        merge = alice.post("/v1/merges", json={"base_model": "tiny", "adapters": [{"adapter": fine_tuned, "weight": 1.0}],
+                                                "method": "linear", "dtype": "float32"}).json()
         page.click("nav a[data-view=models]")
+        expect(page.locator(f"#adapters tr:has-text('{fine_tuned}')")).to_have_count(1)
         weights = page.locator("#adapters button[data-download='adapter_model.safetensors']")
-        expect(weights).to_have_count(1)
         expect(page.locator("#adapters code[data-sha256]").first).to_contain_text(re.compile(r"sha256:[0-9a-f]{64}"))
         with page.expect_download() as download:
             weights.click()
         expect(page.locator("#adapters .verified")).to_have_text("sha256 verified")
         assert download.value.suggested_filename == "adapter_model.safetensors"
+        expect(page.locator(f"#merges tr[data-merge='{merge['id']}'] [data-status]")).to_have_text("succeeded",
+                                                                                                 timeout=300_000)
+        config = page.locator(f"#merges tr[data-merge='{merge['id']}'] button[data-download='config.json']")
+        with page.expect_download() as download:
+            config.click()
+        expect(page.locator("#merges .verified")).to_have_text("sha256 verified")
+        listed = {f["name"]: f["sha256"] for f in alice.get(f"/v1/merges/{merge['id']}/files").json()["data"]}
+        assert hashlib.sha256(Path(download.value.path()).read_bytes()).hexdigest() == listed["config.json"]
+        expect(page.locator(f"#merges code[data-sha256='{listed['config.json']}']")).to_have_count(1)
         page.screenshot(path=shots / "console-adapters.png", full_page=True)
 
         # playground: the fine-tuned model and the base side by side, both streamed
-        fine_tuned = page.locator("#adapters td .mono").first.text_content()
-        assert fine_tuned.startswith("ft:tiny:alice")
         page.click("nav a[data-view=playground]")
         expect(page.locator(f"#model-0 option[value='{fine_tuned}']")).to_have_count(1)
         page.select_option("#model-0", fine_tuned)
