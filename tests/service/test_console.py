@@ -2,10 +2,11 @@
 
 Against a real `loramill serve` (its embedded worker and engine): alice signs in with her API key,
 uploads the sample dataset through the page, starts a short job, watches the loss curve grow while it
-runs, sees its checkpoints and events, downloads an adapter file checked against its sha256, and
-streams chat answers in the playground, two models side by side. Bob's job never shows. Screenshots
-go under the test's temporary directory (`console-*.png`) and are checked: the chart's SVG paths
-have points, the answers' text is on the page, and the pixels of the curve are drawn.
+runs, sees its checkpoints and events, downloads an adapter's and a merge's files checked against their
+sha256, streams chat answers in the playground, two models side by side, and cancels a second job from
+its page. Bob's job never shows, not even by its URL. Screenshots go under the test's temporary
+directory (`screenshots/console-*.png`) and are checked: the chart's SVG paths have points, the
+answers' text is on the page, and the curve's pixels are drawn.
 """
 
 from __future__ import annotations
@@ -213,6 +214,17 @@ def test_console_end_to_end_in_chromium(serve, tmp_path):  # noqa: F811 — the 
         answers = [page.locator(f"#answer-{i}").text_content() for i in (0, 1)]
         assert all(answer.strip() for answer in answers), answers
         page.screenshot(path=shots / "console-playground.png", full_page=True)
+
+        # a job cancelled from its page
+        training_file = alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["training_file"]
+        doomed = alice.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": training_file,
+                                                          "hyperparameters": {"n_epochs": 50}}).json()["id"]
+        page.goto(f"{url}/#/jobs/{doomed}")
+        expect(page.locator("#cancel-job")).to_be_enabled()
+        page.click("#cancel-job")
+        expect(page.locator("#job-summary [data-status]")).to_have_text("cancelled", timeout=120_000)
+        expect(page.locator("#cancel-job")).to_be_disabled()
+        assert alice.get(f"/v1/fine_tuning/jobs/{doomed}").json()["status"] == "cancelled"
 
         assert not errors, errors
         assert all(keys["alice"] not in r.url for r in requests)  # the key never travels in a URL
