@@ -103,7 +103,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TrainingProgress:
-    """What the progress callback sees after every optimizer step."""
+    """What the progress callback sees after every optimizer step; `val_loss` is set on the steps that evaluated
+    (every `eval_every` steps, or at each epoch's end when it is 0), so the callback sees every validation loss."""
 
     step: int
     total_steps: int
@@ -298,10 +299,8 @@ class LoraTrainer:
                 if self.val_set is not None and not cfg.eval_every:
                     epoch_val = val_loss = self.evaluate()
             checkpoint = self._checkpoint_dir()
-            report = self._report(loss, step_val, checkpoint, clock)
+            report = self._report(loss, step_val if step_val is not None else epoch_val, checkpoint, clock)
             metrics.write(report)
-            if epoch_val is not None:
-                metrics.write_eval(self.step, self.epoch, epoch_val)
             if checkpoint is not None:
                 self._save_checkpoint(checkpoint, metrics.path)
             if self.progress is not None and self.progress(report):
@@ -461,7 +460,7 @@ class _Clock:
 
 
 class _MetricsLog:
-    """metrics.jsonl, one JSON object per optimizer step (and per evaluation).
+    """metrics.jsonl, one JSON object per optimizer step (`val_loss` set on the steps that evaluated).
 
     A resumed run starts from the checkpoint's copy of the log, or, for a checkpoint without one,
     from the log already in `out`; either way only the lines up to the checkpoint's step are kept.
@@ -485,9 +484,6 @@ class _MetricsLog:
         if p.checkpoint is not None:
             record["checkpoint"] = p.checkpoint.name
         self._append(record)
-
-    def write_eval(self, step: int, epoch: int, val_loss: float) -> None:
-        self._append({"step": step, "epoch": epoch, "val_loss": val_loss})
 
 
 def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None,

@@ -26,7 +26,7 @@ from service.errors import install_handlers
 from service.gate import Gate
 from service.idempotency import Idempotency
 from service.metrics import TimingMiddleware, metrics_registry
-from service.routers import adapters, files, fine_tuning, health, inference, merges, models
+from service.routers import adapters, console, files, fine_tuning, health, inference, merges, models
 from service.tenant_cache import TenantCache
 
 
@@ -80,6 +80,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Gate, services=app.state.services)
     app.add_middleware(TimingMiddleware, histogram=http)
     install_handlers(app)
-    for module in (files, fine_tuning, adapters, merges, models, inference, health):
+    for module in (files, fine_tuning, adapters, merges, models, inference, health, console):
         app.include_router(module.router)
     return app
