@@ -1,5 +1,6 @@
-"""Prometheus metrics: HTTP latencies (observed in-process) and job state read from the job store
-at scrape time, so every API replica reports the same numbers whatever process ran the job.
+"""Prometheus metrics: HTTP latencies (observed in-process, summed over a serve's processes) and job
+state read from the job store at scrape time, so every API replica reports the same numbers
+whatever process ran the job.
 
 - `loramill_http_request_duration_seconds{method,route,status}` histogram
 - `loramill_jobs{kind,status}` gauge: fine-tuning jobs and merges by status
@@ -10,10 +11,12 @@ at scrape time, so every API replica reports the same numbers whatever process r
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import case, func, select
 
 from jobs.lifecycle import KINDS
@@ -62,11 +65,22 @@ def _durations(session, table):
 
 
 def metrics_registry(services) -> tuple[CollectorRegistry, Histogram]:
+    """The registry `/metrics` renders, and the HTTP latency histogram.
+
+    In one process, the in-process metrics are registered in it. Under `loramill serve --workers N`
+    (`PROMETHEUS_MULTIPROC_DIR` set by serve for its processes, prometheus-client's multiprocess
+    mode), every process writes its counts to files there, and the registry sums all the
+    processes' files at scrape time: whichever process answers `/metrics` reports the whole serve.
+    """
     registry = CollectorRegistry()
     registry.register(JobCollector(services))
-    registry.register(CORRUPTIONS)
+    multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    if multiprocess:
+        MultiProcessCollector(registry)
+    else:
+        registry.register(CORRUPTIONS)
     http = Histogram("loramill_http_request_duration_seconds", "HTTP request latency",
-                     ["method", "route", "status"], registry=registry,
+                     ["method", "route", "status"], registry=None if multiprocess else registry,
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
     return registry, http
 
