@@ -3,6 +3,7 @@
 
 A tenant works through either; a key revoked with the CLI is refused by both within the tenant
 cache's TTL; `/metrics` of the two-worker serve counts the requests both of its processes answered.
+With no broker, a two-worker serve runs one embedded worker and one engine per base for both.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
@@ -105,3 +107,29 @@ def test_metrics_of_a_two_worker_serve_count_both_processes(replicas):
             sent += 1
     assert processes_that_answered() == 2, "one process answered every request"
     assert counted() - before == sent  # whichever process answers /metrics sums both
+
+
+def test_an_embedded_serve_with_two_workers_starts_one_worker_and_one_engine_per_base(tmp_path, llama_base):
+    """No broker: the supervising serve runs the embedded worker once; both API processes use one engine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAMILL_", "PROMETHEUS_"))}
+    env.update({"LORAMILL_DATA_DIR": str(tmp_path / "data"), "LORAMILL_ENGINE_MAX_MODEL_LEN": "128",
+                "LORAMILL_ENGINE_DEVICE": "cpu", "LORAMILL_ENGINE_THREADS": "1"})
+    key = cli(env, "tenant", "create", "erin")
+    cli(env, "model", "add", "tiny", str(llama_base))
+    process, url = serve(env, tmp_path / "serve.log", "--workers", "2")
+    try:
+        metrics_dir = next((tmp_path / "data" / "prometheus").glob("serve-*"))
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2}
+        with httpx.Client(headers={"Authorization": f"Bearer {key}", "Connection": "close"}, timeout=300) as client:
+            for _ in range(40):  # a new connection each time, until both processes have answered one
+                assert client.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"] == 2
+                answered = [f for f in metrics_dir.glob("histogram_*.db")
+                            if any('"/v1/completions"' in k for k, *_ in MmapedDict.read_all_values_from_file(str(f)))]
+                if len(answered) == 2:
+                    break
+        assert len(answered) == 2
+        children = [" ".join(p.cmdline()) for p in psutil.Process(process.pid).children(recursive=True)]
+        assert sum(" engine " in c for c in children) == 1, children
+        assert sum(" worker " in c for c in children) == 1, children
+    finally:
+        stop(process)
