@@ -142,9 +142,6 @@ class Engines:
                 self._launched[model.base] = [Engine(normalize_url(url))]
             return self._launched[model.base]
 
-    def all_engines(self) -> list[Engine]:
-        return [engine for pool in (*self._configured.values(), *self._launched.values()) for engine in pool]
-
     def route(self, base: str, pool: list[Engine], key: str, tried: set[str]) -> Engine:
         """The engine for `key` among the pool's usable ones (`service.routing`); `tried` ones are left out."""
         open_ = [e for e in pool if e.url not in self.drained and e.url not in tried]

@@ -241,10 +241,10 @@ def engines_list() -> None:
 
     with _store() as session:
         drained_urls = drained(session)
-    for base, urls in get_settings().engine_urls.items():
-        for url in map(normalize_url, urls):
-            click.echo(f"{base}  {url}  {'drained' if url in drained_urls else 'serving'}")
-    for url in sorted(drained_urls - {normalize_url(u) for urls in get_settings().engine_urls.values() for u in urls}):
+    configured = [(base, normalize_url(url)) for base, urls in get_settings().engine_urls.items() for url in urls]
+    for base, url in configured:
+        click.echo(f"{base}  {url}  {'drained' if url in drained_urls else 'serving'}")
+    for url in sorted(drained_urls - {url for _, url in configured}):
         click.echo(f"-  {url}  drained (not in this process's LORAMILL_ENGINE_URLS)")
 
 
