@@ -12,8 +12,12 @@ LORAMILL_ENGINE_URLS), and measures, in the same run:
    of each and their ratio, and the engine's RSS;
 2. the same adapter requests through the API (auth, name resolution, routing, relaying): tokens/s
    and the ratio to the engine direct;
-3. one-token completions through the API and direct, requests/s and ratio: what the control
-   plane adds per request; and the API process's RSS after the load.
+3. one-token completions through the API and direct, requests/s and ratio, and the API process's
+   CPU time per forwarded request (from /proc; the figure that decides how many requests one API
+   process holds, and far steadier than throughput on a shared machine); its RSS after the load.
+
+On a machine where the engine, the API and this load generator share the cores, the API's
+throughput ratio mostly measures that sharing; the CPU per request does not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.api import cpu_seconds  # noqa: E402
 from bench.procs import free_port, free_redis_url, release_redis, stop, wait_http  # noqa: E402
 
 PROMPT = "Hello world, this is"
@@ -134,7 +139,9 @@ def main() -> None:
             through = asyncio.run(run(api_url, auth, ids, n, t, c))
             small_n = 4 * n
             direct_small = asyncio.run(run(engine_url, {}, ids, small_n, 1, c))
+            cpu_before = cpu_seconds(api.pid)
             through_small = asyncio.run(run(api_url, auth, ids, small_n, 1, c))
+            api_cpu_ms = (cpu_seconds(api.pid) - cpu_before) / small_n * 1000
             print(f"load average {os.getloadavg()[0]:.1f}; {n} requests x {t} tokens, {c} at a time, "
                   f"{len(ids)} adapters (rank 8, every projection)")
             print(f"engine, {len(ids)} adapters: {n * t / direct:7.1f} tok/s | base alone: {n * t / alone:7.1f} tok/s"
@@ -142,7 +149,8 @@ def main() -> None:
             print(f"through the API:   {n * t / through:7.1f} tok/s | {direct / through:.2f}x of the engine direct")
             print(f"1-token requests:  API {small_n / through_small:6.1f} req/s | direct {small_n / direct_small:6.1f} "
                   f"req/s | ratio {direct_small / through_small:.2f}x")
-            print(f"API process RSS: {api_rss_idle:.0f} MB idle, {rss_mb(api.pid):.0f} MB after the load")
+            print(f"API process: {api_cpu_ms:.1f} ms CPU per forwarded request (so ~{1000 / api_cpu_ms:.0f} req/s "
+                  f"per core); RSS {api_rss_idle:.0f} MB idle, {rss_mb(api.pid):.0f} MB after the load")
         finally:
             stop(api)
             stop(engine)
