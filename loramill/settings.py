@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                                                                "this factor times the mean in-flight count.")
     engine_min_load: int = Field(8, ge=1, description="In-flight requests (from one API process) an engine always "
                                                       "takes before its adapters spill to the next engine.")
-    workers: int = Field(1, ge=1, description="API processes `loramill serve` runs on its port (uvicorn workers).")
+    api_workers: int = Field(1, ge=1, description="API processes `loramill serve` runs on its port (uvicorn workers).")
     embedded_engines: bool = Field(True, description="Start an engine per base model on first use when none is configured.")
     engine_start_timeout_s: float = Field(300.0, gt=0, description="How long an embedded engine may take to load its model.")
     engine_timeout_s: float = Field(600.0, gt=0, description="Longest wait for an engine's next bytes.")

@@ -27,7 +27,7 @@ def register(main: click.Group) -> None:
 @click.option("--host", default=None, help="Default: LORAMILL_HOST (127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Default: LORAMILL_PORT (8000).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="API processes sharing the port (uvicorn workers). Default: LORAMILL_WORKERS (1).")
+              help="API processes sharing the port (uvicorn workers). Default: LORAMILL_API_WORKERS (1).")
 def serve(host: str | None, port: int | None, workers: int | None) -> None:
     """Run the HTTP API (and, with no broker configured, an embedded worker beside it).
 
@@ -56,7 +56,7 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
         embedded = EmbeddedWorker(settings.data_dir, reconciler, child_env(settings.data_dir))
         services.probes["worker"] = embedded.probe
         embedded.start()
-    workers = workers or settings.workers
+    workers = workers or settings.api_workers
     metrics_dir = _multiprocess_metrics_dir(settings.data_dir) if workers > 1 else None
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

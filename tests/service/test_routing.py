@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 PROBE_S = 0.5
 
 
-def start_engine(base) -> tuple[subprocess.Popen, str]:
+def start_engine(base, port: int = 0) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-c", "from loramill.cli import main; main()", "engine", "--base", str(base),
-           "--served-model-name", "tiny", "--port", "0", "--max-loras", "4", "--max-lora-rank", "8",
+           "--served-model-name", "tiny", "--port", str(port), "--max-loras", "4", "--max-lora-rank", "8",
            "--max-num-seqs", "4", "--max-model-len", "128", "--dtype", "float32", "--device", "cpu",
            "--threads", "1"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -58,7 +58,7 @@ def fleet(tmp_path_factory, llama_base):
              "engines": {url: process for process, url in engines}}
     yield fleet
     stop(serve)
-    for process, _ in engines:
+    for process in fleet["engines"].values():
         stop(process)
 
 
@@ -133,3 +133,19 @@ def test_a_killed_engines_adapter_is_answered_by_the_other_within_5_s(fleet, lla
     assert holders(fleet, adapter_id) == [other]
     for _ in range(3):  # and stays there
         assert alice.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_restarted_engine_is_probed_back_and_takes_its_adapters_again(fleet, llama_base, lora):
+    """Runs after the kill test: the dead engine comes back on its port; the /health probe returns it to the route."""
+    (dead,) = [url for url, process in fleet["engines"].items() if process.poll() is not None]
+    adapter_id = next(a for a in (upload(fleet, lora(llama_base, seed=70 + i, r=8)) for i in range(16))
+                      if rendezvous_order(a, list(fleet["engines"]))[0] == dead)
+    alice = client(fleet)
+    alice.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=2)  # served by the live engine meanwhile
+    assert holders(fleet, adapter_id) != [dead]
+    process, url = start_engine(llama_base, port=int(dead.rsplit(":", 1)[1]))
+    assert url == dead
+    fleet["engines"][dead] = process
+    time.sleep(3 * PROBE_S)
+    alice.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=2)
+    assert dead in holders(fleet, adapter_id)  # loaded there on demand, its first choice again
