@@ -11,8 +11,11 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from adapters.errors import InputError
 from jobs.store import now
 from jobs.tables import EngineDrainRow
+
+MAX_URL_CHARS = EngineDrainRow.__table__.c.url.type.length
 
 
 def normalize_url(url: str) -> str:
@@ -22,6 +25,8 @@ def normalize_url(url: str) -> str:
 
 def drain(session: Session, url: str) -> EngineDrainRow:
     url = normalize_url(url)
+    if not url.startswith(("http://", "https://")) or len(url) > MAX_URL_CHARS:
+        raise InputError(f"an engine URL is http(s)://host:port, at most {MAX_URL_CHARS} characters", param="url")
     row = session.get(EngineDrainRow, url)
     if row is None:
         row = EngineDrainRow(url=url, drained_at=now())

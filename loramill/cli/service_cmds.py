@@ -77,11 +77,11 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
 
 def _alive(pid: str) -> bool:
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)  # PermissionError: alive, another user's
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

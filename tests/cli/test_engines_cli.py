@@ -31,3 +31,6 @@ def test_drain_list_and_resume_through_the_store(tmp_path):
     again = run(env, "resume", "http://10.0.0.2:8100")
     assert again.returncode == 2 and again.stderr.strip() == "error: engine http://10.0.0.2:8100 is not drained"
     assert "drained" not in run(env, "list").stdout
+    for bad in ("10.0.0.9:8100", "http://" + "h" * 2048):
+        refused = run(env, "drain", bad)
+        assert refused.returncode == 2 and refused.stderr.startswith("error: an engine URL is http(s)://")
