@@ -32,7 +32,7 @@ import asyncio
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -141,6 +141,12 @@ class Engines:
                 url = await self.embedded.launch(model.base, model.base_path)
                 self._launched[model.base] = [Engine(normalize_url(url))]
             return self._launched[model.base]
+
+    def by_base(self) -> Iterator[tuple[str, Engine]]:
+        """Every engine this process knows, with its base: the configured ones and the embedded ones started."""
+        for base, pool in (*self._configured.items(), *self._launched.items()):
+            for engine in pool:
+                yield base, engine
 
     def route(self, base: str, pool: list[Engine], key: str, tried: set[str]) -> Engine:
         """The engine for `key` among the pool's usable ones (`service.routing`); `tried` ones are left out."""
@@ -265,8 +271,7 @@ class Engines:
         """Re-read the drained engines, and mark each engine up or down by its `/health`."""
         if self._read_drained is not None:
             self.drained = {normalize_url(u) for u in await asyncio.to_thread(self._read_drained)}
-        pools = [(base, engine) for base, pool in (*self._configured.items(), *self._launched.items())
-                 for engine in pool]
+        pools = list(self.by_base())
         answers = await asyncio.gather(*(self.client.get(f"{e.url}/health", timeout=PROBE_TIMEOUT_S)
                                          for _, e in pools), return_exceptions=True)
         for (base, engine), answer in zip(pools, answers, strict=True):

@@ -6,6 +6,7 @@ whatever process ran the job.
 - `loramill_jobs{kind,status}` gauge: fine-tuning jobs and merges by status
 - `loramill_queue_depth{queue}` gauge: messages waiting in the broker
 - `loramill_job_duration_seconds{kind,status}` histogram of finished jobs' run time (start → finish)
+- `loramill_engine_up{base,url}`, `loramill_engine_drained{base,url}`: the inference engines as routing sees them
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ class JobCollector:
         yield from (jobs, durations, depth)
 
 
+class EngineCollector:
+    """Each inference engine as the answering API process sees it: up (connections and `/health`
+    succeed) and drained (`loramill engines drain`); every process's view converges within
+    `LORAMILL_ENGINE_PROBE_INTERVAL_S`."""
+
+    def __init__(self, engines):
+        self.engines = engines
+
+    def collect(self):
+        up = GaugeMetricFamily("loramill_engine_up", "1 while the engine answers, 0 when it is routed around",
+                               labels=["base", "url"])
+        drained = GaugeMetricFamily("loramill_engine_drained", "1 while the engine is drained for a restart",
+                                    labels=["base", "url"])
+        for base, engine in self.engines.by_base():
+            up.add_metric([base, engine.url], float(engine.up))
+            drained.add_metric([base, engine.url], float(engine.url in self.engines.drained))
+        yield from (up, drained)
+
+
 def _durations(session, table):
     run = table.finished_at - table.started_at
     columns = [func.sum(case((run <= b, 1), else_=0)) for b in DURATION_BUCKETS]
@@ -74,6 +94,7 @@ def metrics_registry(services) -> tuple[CollectorRegistry, Histogram]:
     """
     registry = CollectorRegistry()
     registry.register(JobCollector(services))
+    registry.register(EngineCollector(services.engines))
     multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     if multiprocess:
         MultiProcessCollector(registry)

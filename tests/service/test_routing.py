@@ -111,6 +111,7 @@ def test_a_drained_engine_finishes_its_stream_and_gets_no_new_request(fleet, lla
     assert sorted(holders(fleet, adapter_id)) == sorted(fleet["engines"])  # loaded on the other on demand
     listed = cli(fleet["env"], "engines", "list")
     assert f"tiny  {holder}  drained" in listed
+    assert f'loramill_engine_drained{{base="tiny",url="{holder}"}} 1.0' in httpx.get(f"{fleet['url']}/metrics").text
     cli(fleet["env"], "engines", "resume", holder)
     time.sleep(3 * PROBE_S)
     alice.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=2)
@@ -131,6 +132,9 @@ def test_a_killed_engines_adapter_is_answered_by_the_other_within_5_s(fleet, lla
     assert answer.usage.completion_tokens == 2 and time.monotonic() - started < 5  # the issue's bound, not a speed
     (other,) = [url for url in fleet["engines"] if url != holder]
     assert holders(fleet, adapter_id) == [other]
+    metrics = httpx.get(f"{fleet['url']}/metrics", timeout=10).text
+    assert f'loramill_engine_up{{base="tiny",url="{holder}"}} 0.0' in metrics
+    assert f'loramill_engine_up{{base="tiny",url="{other}"}} 1.0' in metrics
     for _ in range(3):  # and stays there
         assert alice.completions.create(model=adapter_id, prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
 
