@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.config import EngineConfig
@@ -46,7 +46,15 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(50 * 1024**3, ge=0, description="Bytes of files, adapters and merges a tenant may store.")
     idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="How long an Idempotency-Key's first answer is kept.")
     # Inference (the control plane's side; the engines' own knobs are LORAMILL_ENGINE_*).
-    engine_urls: dict[str, str] = Field(default_factory=dict, description='Engine per base model, JSON: {"base": "http://host:port"}.')
+    engine_urls: dict[str, list[str]] = Field(default_factory=dict, description=(
+        'Engines per base model, JSON: {"base": ["http://host:port", ...]} (or one URL as a string).'))
+    engine_probe_interval_s: float = Field(2.0, ge=0, description="How often each API process asks engines' /health "
+                                                                  "and re-reads the drained ones; 0: never.")
+    engine_load_factor: float = Field(1.25, ge=1, description="An adapter's requests spill to its next engine past "
+                                                               "this factor times the mean in-flight count.")
+    engine_min_load: int = Field(8, ge=1, description="In-flight requests (from one API process) an engine always "
+                                                      "takes before its adapters spill to the next engine.")
+    api_workers: int = Field(1, ge=1, description="API processes `loramill serve` runs on its port (uvicorn workers).")
     embedded_engines: bool = Field(True, description="Start an engine per base model on first use when none is configured.")
     engine_start_timeout_s: float = Field(300.0, gt=0, description="How long an embedded engine may take to load its model.")
     engine_timeout_s: float = Field(600.0, gt=0, description="Longest wait for an engine's next bytes.")
@@ -68,6 +76,17 @@ class Settings(BaseSettings):
     engine_dtype: str = Field(_ENGINE.dtype, description="auto | float32 | bfloat16 | float16.")
     engine_device: str | None = Field(_ENGINE.device, description="cuda, cuda:1, cpu; default: cuda if present.")
     engine_threads: int | None = Field(_ENGINE.threads, description="Torch CPU threads; default: torch's.")
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _one_url_or_a_list(cls, value):
+        """`{"base": "http://a"}` still works: one URL is a list of one. Each list non-empty, no URL twice."""
+        if isinstance(value, dict):
+            value = {base: [urls] if isinstance(urls, str) else urls for base, urls in value.items()}
+            for base, urls in value.items():
+                if isinstance(urls, list) and (not urls or len({str(u).rstrip("/") for u in urls}) != len(urls)):
+                    raise ValueError(f"engine_urls[{base!r}] must list one or more distinct URLs")
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -3,7 +3,8 @@
 `uvicorn --factory service.app:create_app` builds it from the process's settings. It migrates the
 job store to the newest schema, opens the artifact store and the broker connection, and mounts
 one router per resource. While it serves, a reconciler thread requeues stranded jobs
-(`jobs.reconciler`; every API replica runs one, and they agree through the store).
+(`jobs.reconciler`; every API replica runs one, and they agree through the store), and a probe task
+watches the inference engines (`service.engines`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from fastapi import FastAPI
 
 from jobs.artifacts import LocalArtifactStore
 from jobs.db import database, migrate
+from jobs.engine_drains import drained
 from jobs.queue import JobQueue
 from jobs.reconciler import Reconciler
 from loramill.settings import Settings, get_settings
 from service.deps import Services
-from service.embedded import EmbeddedEngines, child_env
+from service.embedded import EmbeddedEngines, child_env, worker_ready_probe
 from service.engines import Engines, Generations
 from service.errors import install_handlers
 from service.gate import Gate
@@ -37,8 +39,16 @@ def build_services(settings: Settings) -> Services:
     artifacts.empty_trash()  # what deletions interrupted by a crash left aside
     embedded = EmbeddedEngines(settings.data_dir, child_env(settings.data_dir),
                                start_timeout_s=settings.engine_start_timeout_s) if settings.embedded_engines else None
-    engines = Engines(settings.engine_urls, embedded, timeout_s=settings.engine_timeout_s)
-    return Services(settings=settings, db=database(url), artifacts=artifacts, queue=JobQueue(settings),
+    db = database(url)
+
+    def read_drained() -> set[str]:
+        with db.sessions() as session:
+            return drained(session)
+
+    engines = Engines(settings.engine_urls, embedded, timeout_s=settings.engine_timeout_s,
+                      probe_interval_s=settings.engine_probe_interval_s, load_factor=settings.engine_load_factor,
+                      min_load=settings.engine_min_load, drained=read_drained)
+    return Services(settings=settings, db=db, artifacts=artifacts, queue=JobQueue(settings),
                     tenants=TenantCache(settings.tenant_cache_ttl_s), engines=engines,
                     generations=Generations(settings.max_concurrent_generations))
 
@@ -62,6 +72,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     reconciler = reconciler_for(services)
     if services.settings.reconcile_interval_s > 0:
         reconciler.start()
+    services.engines.start()
     gc.collect()
     gc.freeze()
     try:
@@ -82,4 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_handlers(app)
     for module in (files, fine_tuning, adapters, merges, models, inference, health, console):
         app.include_router(module.router)
+    return app
+
+
+def create_served_app() -> FastAPI:
+    """One process of `loramill serve --workers N` (uvicorn's app factory): the app from this process's
+    settings; with the embedded worker (no broker), `/readyz` checks it through its ready file."""
+    settings = get_settings()
+    app = create_app(settings)
+    if not settings.broker_url:
+        app.state.services.probes["worker"] = worker_ready_probe(settings.data_dir)
     return app

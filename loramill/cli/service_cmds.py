@@ -1,4 +1,4 @@
-"""`loramill serve | worker | tenant create | model add | demo`.
+"""`loramill serve | worker | tenant create | model add | engines drain | demo`.
 
 Embedded default: with no `LORAMILL_BROKER_URL`, `serve` runs a real Celery worker process beside
 the API (`service.embedded`: restarted when it dies, killed when `serve` dies); both use kombu's
@@ -10,6 +10,7 @@ and workers are started with `loramill worker --queues train` (GPU machines) / `
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -18,15 +19,22 @@ import click
 
 
 def register(main: click.Group) -> None:
-    for command in (serve, worker, tenant, model, demo):
+    for command in (serve, worker, tenant, model, engines, demo):
         main.add_command(command)
 
 
 @click.command()
 @click.option("--host", default=None, help="Default: LORAMILL_HOST (127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Default: LORAMILL_PORT (8000).")
-def serve(host: str | None, port: int | None) -> None:
-    """Run the HTTP API (and, with no broker configured, an embedded worker beside it)."""
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="API processes sharing the port (uvicorn workers). Default: LORAMILL_API_WORKERS (1).")
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
+    """Run the HTTP API (and, with no broker configured, an embedded worker beside it).
+
+    With --workers N, N API processes serve the port; this process only supervises them (and runs
+    the embedded worker, once); embedded engines are shared by all of them (one per base), and
+    /metrics sums the N processes (prometheus-client's multiprocess mode).
+    """
     import uvicorn
 
     from loramill.settings import get_settings
@@ -48,14 +56,48 @@ def serve(host: str | None, port: int | None) -> None:
         embedded = EmbeddedWorker(settings.data_dir, reconciler, child_env(settings.data_dir))
         services.probes["worker"] = embedded.probe
         embedded.start()
+    workers = workers or settings.api_workers
+    metrics_dir = _multiprocess_metrics_dir(settings.data_dir) if workers > 1 else None
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
-                    http=bounded_protocol(settings.max_header_bytes))
+        if workers > 1:  # each process builds its own app from the same settings (service.app.create_served_app)
+            uvicorn.run("service.app:create_served_app", factory=True, workers=workers, host=host or settings.host,
+                        port=port or settings.port, log_level="warning",
+                        http="service.http_protocol:SettingsBoundedProtocol")
+        else:
+            uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
+                        http=bounded_protocol(settings.max_header_bytes))
     finally:
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)  # PermissionError: alive, another user's
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _multiprocess_metrics_dir(data_dir: Path) -> Path:
+    """A fresh `<data_dir>/prometheus/serve-<pid>` for this serve's API processes, in PROMETHEUS_MULTIPROC_DIR
+    (their children inherit it; prometheus-client reads it when imported there). Directories left by
+    serves that died are removed: their counts belong to no running server."""
+    root = data_dir.resolve() / "prometheus"
+    for old in root.glob("serve-*"):
+        if not _alive(old.name.removeprefix("serve-")):  # else another serve on this data dir (with a broker)
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"serve-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
 
 
 def _write_ready_file(path: str) -> None:
@@ -185,6 +227,51 @@ def model_add(name: str, path: str) -> None:
     with _store() as session:
         row = register_base_model(session, name, path)
     click.echo(f"registered base model {row.name} at {row.path}")
+
+
+@click.group()
+def engines() -> None:
+    """The inference engines API processes route to (LORAMILL_ENGINE_URLS): list, drain, resume."""
+
+
+@engines.command("list")
+def engines_list() -> None:
+    """Each configured engine: base model, URL, drained or serving."""
+    from jobs.engine_drains import drained, normalize_url
+    from loramill.settings import get_settings
+
+    with _store() as session:
+        drained_urls = drained(session)
+    configured = [(base, normalize_url(url)) for base, urls in get_settings().engine_urls.items() for url in urls]
+    for base, url in configured:
+        click.echo(f"{base}  {url}  {'drained' if url in drained_urls else 'serving'}")
+    for url in sorted(drained_urls - {url for _, url in configured}):
+        click.echo(f"-  {url}  drained (not in this process's LORAMILL_ENGINE_URLS)")
+
+
+@engines.command("drain")
+@click.argument("url")
+def engines_drain(url: str) -> None:
+    """Send engine URL no new request (running ones finish), from every API process within
+    LORAMILL_ENGINE_PROBE_INTERVAL_S; its adapters are loaded on the other engines on demand."""
+    from jobs.engine_drains import drain
+
+    with _store() as session:
+        row = drain(session, url)
+    click.echo(f"drained {row.url}: no new requests after the next engine probe; `loramill engines resume` undoes it")
+
+
+@engines.command("resume")
+@click.argument("url")
+def engines_resume(url: str) -> None:
+    """Route requests to engine URL again (after `loramill engines drain`)."""
+    from adapters.errors import InputError
+    from jobs.engine_drains import resume
+
+    with _store() as session:
+        if not resume(session, url):
+            raise InputError(f"engine {url} is not drained", param="url")
+    click.echo(f"resumed {url}")
 
 
 @click.command()
