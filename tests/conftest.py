@@ -49,3 +49,13 @@ def peft_adapter(tmp_path_factory, llama_base):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of vLLM's CPU build, in its own environment: built on first use (minutes, cached by version
+    outside the checkout, `loramill.vllm_env`), found at once after that. Tests using it allow for the build
+    in their timeout."""
+    from loramill.vllm_env import ensure_vllm_env
+
+    return ensure_vllm_env()
