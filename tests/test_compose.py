@@ -105,6 +105,7 @@ def test_the_vllm_engine_loads_adapters_at_run_time_as_the_api_asks():
     assert "--enable-lora" in argv and int(_flag(argv, "--max-loras")) >= 1
     assert int(_flag(argv, "--max-lora-rank")) >= int(COMPOSE["x-loramill-env"]["LORAMILL_MAX_RANK"])
     assert int(_flag(argv, "--max-cpu-loras")) >= int(_flag(argv, "--max-loras"))
+    assert _flag(argv, "--generation-config") == "vllm"  # OpenAI's request defaults, as loramill's engine has them
     assert vllm["healthcheck"]["test"][-1].endswith(f":{_flag(argv, '--port')}/health')")
 
 
@@ -114,9 +115,11 @@ def test_vllm_accepts_the_compose_flags(vllm_python):
     """The vllm service's arguments parsed by vLLM's own argument parser (the version the image pins)."""
     import subprocess
 
+    from loramill.vllm_env import SERVER_MODULE
+
     vllm = SERVICES["vllm"]
-    assert vllm["entrypoint"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-    check = ("import sys; from vllm.entrypoints.openai.cli_args import make_arg_parser, validate_parsed_serve_args\n"
+    assert vllm["entrypoint"] == ["python3", "-m", SERVER_MODULE]  # the module the suite's vLLM server runs
+    check = ("import sys; from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
              "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
              "args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])\n"
              "validate_parsed_serve_args(args)\n"
