@@ -53,8 +53,9 @@ def _unavailable(base: str, exc: Exception) -> Unavailable:
                        code="engine_unavailable")
 
 
-def _error_body(response: httpx.Response) -> dict:
-    """The engine's error answer as OpenAI's error object (`openai_error`); a body that is not one becomes its message."""
+def _error_body(response: httpx.Response, status: int | None = None) -> dict:
+    """The engine's error answer as OpenAI's error object (`openai_error`) for `status` (default: the response's);
+    a body that is not one becomes its message."""
     try:
         body = response.json()
     except ValueError:
@@ -62,7 +63,7 @@ def _error_body(response: httpx.Response) -> dict:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         error = {"message": response.text[:500]}
-    return openai_error(response.status_code, error)
+    return openai_error(status or response.status_code, error)
 
 
 def openai_error(status: int, error: dict) -> dict:
@@ -135,7 +136,8 @@ class Engines:
             response = await self.client.post(f"{engine.url}/v1/load_lora_adapter",
                                               json={"lora_name": adapter_id, "lora_path": path})
             if response.status_code >= 400 and "already" not in response.text:
-                raise EngineError(_load_refusal_status(response), _error_body(response))
+                status = _load_refusal_status(response)
+                raise EngineError(status, _error_body(response, status))
             engine.loaded.add(adapter_id)
 
     async def unload(self, base: str, adapter_id: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -106,19 +107,47 @@ def test_two_tenants_adapters_side_by_side_one_trained_by_loramill(serve, vllm_u
         with pytest.raises(openai.NotFoundError) as refused:
             tenant.chat.completions.create(model=other, messages=messages, max_tokens=4)
         assert refused.value.body["code"] == "model_not_found"
-    loaded = {card["id"] for card in httpx.get(f"{vllm_url}/v1/models").json()["data"]}
-    assert {"tiny", alice_id, bob_id} <= loaded  # vLLM holds both tenants' adapters, under their ids
+    assert {"tiny", alice_id, bob_id} <= _vllm_models(vllm_url)  # vLLM holds both tenants' adapters, by id
+
+    # vLLM forgot an adapter (it restarted): the control plane loads it again and answers
+    assert httpx.post(f"{vllm_url}/v1/unload_lora_adapter", json={"lora_name": bob_id}).status_code == 200
+    again = bob.chat.completions.create(model=bob_id, messages=messages, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == answers["bob"] and bob_id in _vllm_models(vllm_url)
+
+    # deleting an adapter unloads it from vLLM (after the answer)
+    assert http(serve, "alice").delete(f"/v1/adapters/{alice_id}").json()["deleted"] is True
+    deadline = time.monotonic() + 30
+    while alice_id in _vllm_models(vllm_url):
+        assert time.monotonic() < deadline, "the deleted adapter is still loaded in vLLM"
+        time.sleep(0.2)
 
 
-def test_engine_errors_reach_the_caller_in_openais_shape(serve, vllm_url):
-    """vLLM's own refusals (here: a prompt longer than its context) come back as OpenAI errors, with no path."""
-    response = http(serve).post("/v1/completions", json={"model": "tiny", "prompt": "x" * (MAX_MODEL_LEN + 10),
+def _vllm_models(url: str) -> set[str]:
+    return {card["id"] for card in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+
+
+def test_an_omitted_max_tokens_runs_to_the_end_of_the_context_as_on_loramills_engine(serve):
+    """OpenAI's default, which loramill's engine follows; vLLM would otherwise take the checkpoint's
+    generation_config `max_new_tokens` (64 here) as every request's default."""
+    answer = client(serve).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                   temperature=0, extra_body={"ignore_eos": True})
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens == MAX_MODEL_LEN
+
+
+def test_engine_errors_reach_the_caller_in_openais_shape(serve, llama_base, lora):
+    """vLLM's own refusals come back as OpenAI errors (OpenAI's type, a string code or null), with no path: a
+    prompt longer than its context, and an adapter of a rank above its --max-lora-rank (vLLM: 500 from its
+    worker; the adapter's fault, so 400, as loramill's engine answers)."""
+    too_long = http(serve).post("/v1/completions", json={"model": "tiny", "prompt": "x" * (MAX_MODEL_LEN + 10),
                                                           "max_tokens": 8})
-    assert response.status_code == 400, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
-    assert error["code"] is None or isinstance(error["code"], str)
-    assert "context" in error["message"] or "maximum" in error["message"]
+    wide_id = upload(serve, lora(llama_base, seed=41, r=32, lora_alpha=32))
+    too_wide = http(serve).post("/v1/completions", json={"model": wide_id, "prompt": PROMPT, "max_tokens": 4})
+    for response, words in ((too_long, "maximum context length"), (too_wide, "max_lora_rank")):
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["code"] is None or isinstance(error["code"], str)
+        assert words in error["message"] and str(serve["data"]) not in error["message"]
 
 
 def _vllm_greedy(url: str, model: str, prompt: list[int], n: int) -> list[int]:
