@@ -9,6 +9,16 @@ vLLM lives in an environment of its own); it runs this file, which builds vLLM's
 LoRA on with `max_loras` = the number of distinct adapters (all resident, as the loramill engine's slots
 are) and the smallest vLLM rank that holds them. Greedy, `ignore_eos`: exactly `new_tokens` per request.
 
+Threads: vLLM's CPU build binds its compute threads itself (`VLLM_CPU_OMP_THREADS_BIND`, default
+`auto`: every core but `VLLM_CPU_NUM_OF_RESERVED_CPU` (1) kept for its front end, so 1 compute thread
+on a 2-core machine); the child inherits the caller's environment, so set those to compare at equal
+threads. `VLLM_CPU_KVCACHE_SPACE` defaults to 1 GiB here (vLLM's default is 4).
+
+Where vLLM-cpu's time goes with adapters (read in vllm/lora/ops/torch_ops, 0.32): its CPU LoRA path
+(`PunicaWrapperCPU`) is plain torch, per LoRA layer and step gathering each token's A and B
+(`lora_b_weights[indices]`, a copy per token) and multiplying with `einsum`: a few small ops per
+projection per layer per step, where the base model alone runs one GEMM per projection.
+
 Timed: one `generate` call over all requests, after a warm-up `generate` that loaded every adapter and
 ran a full batch; loading the model and the adapters is excluded.
 
