@@ -74,15 +74,44 @@ def _unavailable(base: str, exc: Exception) -> Unavailable:
                        code="engine_unavailable")
 
 
-def _error_body(response: httpx.Response) -> dict:
+def _error_body(response: httpx.Response, status: int | None = None) -> dict:
+    """The engine's error answer as OpenAI's error object (`openai_error`) for `status` (default: the response's);
+    a body that is not one becomes its message."""
     try:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return body
-    return {"error": {"message": response.text[:500] or f"engine answered {response.status_code}",
-                      "type": "invalid_request_error", "param": None, "code": None}}
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {"message": response.text[:500]}
+    return openai_error(status or response.status_code, error)
+
+
+def openai_error(status: int, error: dict) -> dict:
+    """An engine's `error` object in OpenAI's shape, as the caller's SDK reads it.
+
+    loramill's engine answers in that shape already. vLLM names `type` after its exception
+    (`BadRequestError`, `NotFoundError`) and repeats the HTTP status as an integer `code`; OpenAI's
+    types are `invalid_request_error` / `server_error` and its codes strings or null. The message and a
+    string `param` are kept.
+    """
+    code, param = error.get("code"), error.get("param")
+    return {"error": {"message": str(error.get("message") or f"engine answered {status}"),
+                      "type": "invalid_request_error" if status < 500 else "server_error",
+                      "param": param if isinstance(param, str) else None,
+                      "code": code if isinstance(code, str) else None}}
+
+
+def _load_refusal_status(response: httpx.Response) -> int:
+    """The status to answer for a refused `/v1/load_lora_adapter`.
+
+    vLLM refuses an adapter its engine cannot take (a rank above `--max-lora-rank`, a module it cannot
+    adapt) with a 500 "Call to add_lora method failed: Worker failed with error '...'": the adapter does
+    not fit this engine, which is up, so it is the caller's 400 (loramill's engine says 400 itself).
+    """
+    if response.status_code == 500 and "add_lora" in response.text:
+        return 400
+    return response.status_code
 
 
 def _forgot(error: EngineError) -> bool:
@@ -179,7 +208,8 @@ class Engines:
             response = await self.client.post(f"{engine.url}/v1/load_lora_adapter",
                                               json={"lora_name": adapter_id, "lora_path": path})
             if response.status_code >= 400 and "already" not in response.text:
-                raise EngineError(response.status_code, _error_body(response))
+                status = _load_refusal_status(response)
+                raise EngineError(status, _error_body(response, status))
             engine.loaded.add(adapter_id)
 
     async def unload(self, base: str, adapter_id: str) -> None:

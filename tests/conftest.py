@@ -57,3 +57,13 @@ def broker_url(request):
     """A broker of its own for the test, once on Redis and once on RabbitMQ: its URL."""
     with fresh_broker(request.param) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of vLLM's CPU build, in its own environment: built on first use (minutes, cached by version
+    outside the checkout, `loramill.vllm_env`), found at once after that. Tests using it allow for the build
+    in their timeout."""
+    from loramill.vllm_env import ensure_vllm_env
+
+    return ensure_vllm_env()

@@ -18,6 +18,15 @@ _KNOBS = ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_nu
 
 def register(main: click.Group) -> None:
     main.add_command(engine)
+    main.add_command(vllm_env)
+
+
+@click.command("vllm-env")
+def vllm_env() -> None:
+    """Build vLLM's CPU build in its own environment (once, cached by version); print its Python."""
+    from loramill.vllm_env import ensure_vllm_env
+
+    click.echo(ensure_vllm_env(log=lambda line: click.echo(line, err=True)))
 
 
 def _lora_module(text: str) -> tuple[str, str]:
