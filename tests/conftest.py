@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from adapters.basemodel import BaseModelSpec, create_base_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_data_dir(tmp_path_factory) -> Path:
+    """The per-user data directory (loramill's default, by platformdirs: $XDG_DATA_HOME/loramill) is the
+    session's own, so no test (or process it starts) writes into the real one."""
+    xdg = tmp_path_factory.mktemp("xdg-data")
+    os.environ["XDG_DATA_HOME"] = str(xdg)
+    return xdg / "loramill"
 
 
 @pytest.fixture(scope="session")

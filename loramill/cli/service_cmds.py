@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import click
@@ -50,12 +53,38 @@ def serve(host: str | None, port: int | None) -> None:
         embedded.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server = uvicorn.Server(uvicorn.Config(app, host=host or settings.host, port=settings.port if port is None else port,
+                                           log_level="warning", http=bounded_protocol(settings.max_header_bytes)))
+    threading.Thread(target=_announce_when_ready, args=(server, embedded, settings), daemon=True).start()
     try:
-        uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
-                    http=bounded_protocol(settings.max_header_bytes))
+        server.run()
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _announce_when_ready(server, embedded, settings, worker_wait_s: float = 120) -> None:
+    """Once the HTTP server listens (and the embedded worker consumes), print its URL and where the logs go."""
+    from service.embedded import WORKER_LOG, engine_log_name
+
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    deadline = time.monotonic() + worker_wait_s
+    while embedded is not None and time.monotonic() < deadline:
+        try:
+            embedded.probe()
+            break
+        except RuntimeError:
+            time.sleep(0.1)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    data = settings.data_dir
+    worker = f"worker {data / WORKER_LOG}; " if embedded is not None else ""
+    engines = f"engines {data / engine_log_name('<base>')}" if settings.embedded_engines else "engines: their own"
+    click.echo(f"loramill serve: ready on {url}/ (API {url}/v1, data in {data})\n"
+               f"logs: API errors on this terminal; {worker}{engines}", err=True)
 
 
 def _write_ready_file(path: str) -> None:
@@ -102,14 +131,32 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: 
                      "--without-mingle"])
 
 
+@contextmanager
 def _store():
-    """A session on the configured job store, migrated to the newest schema."""
-    from jobs.db import database, migrate
+    """A session on the configured job store, migrated to the newest schema.
+
+    A command that fails creates nothing: when it made the SQLite store (and the directories
+    holding it), they are removed again before the error is shown.
+    """
+    from jobs.db import database, forget, migrate, sqlite_path
     from loramill.settings import get_settings
 
     url = get_settings().resolved_database_url
-    migrate(url)
-    return database(url).sessions()
+    path = sqlite_path(url)
+    new = [] if path is None or path.exists() else [path, *[p for p in path.parents if not p.exists()]]
+    try:
+        migrate(url)
+        with database(url).sessions() as session:
+            yield session
+    except BaseException:
+        if new:
+            forget(url)  # close its connections before the file goes
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            for directory in new[1:]:
+                with suppress(OSError):  # only if empty: another process may have put something there
+                    directory.rmdir()
+        raise
 
 
 @click.group()
@@ -191,8 +238,11 @@ def model_add(name: str, path: str) -> None:
 @click.option("--api-key", default=None)
 @click.option("--admin-key", default=None)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: <data_dir>/demo.")
-def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
-    """Fine-tune and merge through the HTTP API end to end, then compare generations before and after."""
+@click.option("--keep-serving/--no-keep-serving", default=None,
+              help="Keep the server it started running at the end, for the web console. Default: on a terminal.")
+def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None,
+         keep_serving: bool | None) -> None:
+    """Fine-tune and merge through the HTTP API end to end, then compare answers before and after."""
     from loramill.cli.demo import run_demo
 
-    run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out)
+    run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out, keep_serving=keep_serving)
