@@ -249,7 +249,10 @@ class LoraTrainer:
         self.model = _lora_model(base, cfg)
         causal_lm = self.model.get_base_model()
         if cfg.gradient_checkpointing:
-            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+                causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             causal_lm.enable_input_require_grads()
         self.backbone = causal_lm.base_model
         self.loss_fn = CausalLMLoss(causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,

@@ -54,8 +54,11 @@ def peft_adapter(tmp_path_factory, llama_base):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from adapters.peft_format import quiet_peft_model_init
+
     out = tmp_path_factory.mktemp("adapter")
     model = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with quiet_peft_model_init():
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(out)
     return out

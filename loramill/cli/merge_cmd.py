@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -136,7 +137,7 @@ class _LazyBar:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            self.bar = click.progressbar(length=max(1, total), label=self.label, file=click.get_text_stream("stderr"))
+            self.bar = click.progressbar(length=max(1, total), label=self.label, file=sys.stderr)
             self.bar.__enter__()
         self.bar.length = max(1, total)
         self.bar.update(done - self.bar.pos)

@@ -119,6 +119,7 @@ def test_no_is_gradient_checkpointing_future_warning(llama_base, data, tmp_path)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*is_gradient_checkpointing", category=FutureWarning)
+        warnings.filterwarnings("error", message=".*gradient_checkpointing_enable", category=FutureWarning)
         for checkpointing in (False, True):
             result = train(TrainingConfig(base=str(llama_base), data=str(data), out=str(tmp_path / f"a{checkpointing}"),
                                           rank=2, batch_size=4, max_seq_len=64, gradient_checkpointing=checkpointing))
