@@ -73,11 +73,11 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         self.ready_file.unlink(missing_ok=True)
-        with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
+        with open(self.log_file, "ab") as output:  # the child keeps its own descriptor
             self.process = subprocess.Popen(child_command("worker", "--queues", "train,merge", "--pool", "solo",
                                                           "--concurrency", "1", "--ready-file", str(self.ready_file)),
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        log.warning("embedded worker pid %d on %s", self.process.pid, self.data_dir / "broker")
+                                            env=self.env, stdout=output, stderr=subprocess.STDOUT)
+        log.warning("embedded worker pid %d on %s, logging to %s", self.process.pid, self.data_dir / "broker", self.log_file)
 
     def _supervise(self) -> None:
         failures = 0
