@@ -94,6 +94,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+@contextmanager
+def new_directories_removed_on_error(path: Path) -> Iterator[None]:
+    """If the body raises, remove `path` and those of its ancestors that did not exist before it ran, deepest
+    first and each only if empty: a command that fails leaves no directories it made (a dataset cache, say)."""
+    path = Path(path).absolute()
+    new = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for directory in new:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (someone else's now), or already gone
+                break
+        raise
+
+
 def leftovers(target: Path) -> list[Path]:
     """What interrupted `atomic_directory`/`atomic_write_bytes` calls for `target` left beside it."""
     target = Path(target)

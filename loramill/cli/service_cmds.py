@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import click
@@ -138,25 +138,24 @@ def _store():
     A command that fails creates nothing: when it made the SQLite store (and the directories
     holding it), they are removed again before the error is shown.
     """
+    from adapters.fsutil import new_directories_removed_on_error
     from jobs.db import database, forget, migrate, sqlite_path
     from loramill.settings import get_settings
 
     url = get_settings().resolved_database_url
     path = sqlite_path(url)
-    new = [] if path is None or path.exists() else [path, *[p for p in path.parents if not p.exists()]]
-    try:
-        migrate(url)
-        with database(url).sessions() as session:
-            yield session
-    except BaseException:
-        if new:
-            forget(url)  # close its connections before the file goes
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                path.with_name(path.name + suffix).unlink(missing_ok=True)
-            for directory in new[1:]:
-                with suppress(OSError):  # only if empty: another process may have put something there
-                    directory.rmdir()
-        raise
+    new_file = path is not None and not path.exists()
+    with new_directories_removed_on_error(path.parent) if new_file else nullcontext():
+        try:
+            migrate(url)
+            with database(url).sessions() as session:
+                yield session
+        except BaseException:
+            if new_file:
+                forget(url)  # close its connections before the file goes
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+            raise
 
 
 @click.group()

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from adapters.errors import InputError
+from adapters.fsutil import new_directories_removed_on_error
 
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 
@@ -81,7 +82,7 @@ def train(overwrite: bool, **options) -> None:
             shutil.rmtree(out)
 
     try:
-        with interrupt:
+        with interrupt, new_directories_removed_on_error(settings.resolved_dataset_cache_dir):
             result = run_training(cfg, progress=reporter, should_stop=interrupt.is_set, on_start=clear_old,
                                   checkpoint_on_stop=True)
     except KeyboardInterrupt:  # the second Ctrl-C

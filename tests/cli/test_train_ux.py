@@ -76,6 +76,7 @@ def test_overwrite_keeps_the_old_out_when_the_new_run_cannot_start(llama_base, t
     bad.write_text("{not json\n")
     _one_error_line(_train(llama_base, bad, out, "--overwrite"), "line 1")
     assert (out / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "data").exists()  # a command that fails creates nothing: no dataset cache directory
 
 
 @pytest.mark.parametrize("inside", [".", "adapter", "deep/er"])
