@@ -17,10 +17,19 @@ from serving.config import EngineConfig
 _ENGINE = EngineConfig()
 
 
+def default_data_dir() -> Path:
+    """The per-user data directory (`~/.local/share/loramill` on Linux, as platformdirs says for each OS):
+    the same for every command wherever it runs, so `tenant create` finds the database `serve` uses."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("loramill", appauthor=False))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAMILL_", extra="ignore")
 
-    data_dir: Path = Field(Path(".loramill"), description="All embedded state lives here.")
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="All embedded state lives here; default: the per-user data directory.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker: redis://host:6379/0 or amqp://user:pass@host:5672/vhost; "
                                                      "unset = embedded.")
@@ -62,6 +71,10 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(16, ge=0, description="Generations a tenant may run at once, per API process.")
     host: str = "127.0.0.1"
     port: int = 8000
+    # Client commands (`loramill jobs ...`): which server, and the tenant's key.
+    api_url: str | None = Field(None, description="The API client commands talk to; default: http://HOST:PORT.")
+    api_key: str | None = Field(None, description="A tenant's API key for client commands.")
+    keep_checkpoints: int = Field(3, ge=0, description="Training checkpoints kept per run, the newest; 0: keep all.")
     # `loramill engine` (serving.config.EngineConfig holds the defaults and their meaning)
     engine_port: int = Field(8100, description="Port of `loramill engine` when --port is not given.")
     engine_max_loras: int = Field(_ENGINE.max_loras, description="Adapter slots on the device.")
@@ -87,6 +100,16 @@ class Settings(BaseSettings):
                 if isinstance(urls, list) and (not urls or len({str(u).rstrip("/") for u in urls}) != len(urls)):
                     raise ValueError(f"engine_urls[{base!r}] must list one or more distinct URLs")
         return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """Resolved once, so a process that changes directory (or a child it starts) keeps the same data."""
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_api_url(self) -> str:
+        return (self.api_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def resolved_database_url(self) -> str:

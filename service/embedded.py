@@ -29,6 +29,12 @@ from jobs.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 READY_FILE = "embedded-worker.ready"
+WORKER_LOG = "worker.log"  # the embedded worker's output, in the data directory
+
+
+def engine_log_name(base: str) -> str:
+    """The embedded engine for base model `base` logs here, in the data directory."""
+    return f"engine-{base}.log"
 BACKOFF_S = (1, 2, 5, 10, 30)  # waits before restarts that follow one another
 STABLE_AFTER_S = 60  # a worker that lived this long resets the back-off
 
@@ -55,6 +61,7 @@ class EmbeddedWorker:
     def __init__(self, data_dir: Path, reconciler: Reconciler, env: dict[str, str]):
         self.data_dir, self.reconciler, self.env = data_dir.resolve(), reconciler, env
         self.ready_file = self.data_dir / READY_FILE
+        self.log_file = self.data_dir / WORKER_LOG
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
@@ -67,10 +74,11 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         self.ready_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(child_command("worker", "--queues", "train,merge", "--pool", "solo",
-                                                      "--concurrency", "1", "--ready-file", str(self.ready_file)),
-                                        env=self.env)
-        log.warning("embedded worker pid %d on %s", self.process.pid, self.data_dir / "broker")
+        with open(self.log_file, "ab") as output:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(child_command("worker", "--queues", "train,merge", "--pool", "solo",
+                                                          "--concurrency", "1", "--ready-file", str(self.ready_file)),
+                                            env=self.env, stdout=output, stderr=subprocess.STDOUT)
+        log.warning("embedded worker pid %d on %s, logging to %s", self.process.pid, self.data_dir / "broker", self.log_file)
 
     def _supervise(self) -> None:
         failures = 0
@@ -177,7 +185,7 @@ class EmbeddedEngines:
             shared = _answering(url_file)
             if shared is not None:
                 return shared
-            log_file = open(self.data_dir / f"engine-{base}.log", "ab")  # noqa: SIM115 — the child keeps it
+            log_file = open(self.data_dir / engine_log_name(base), "ab")  # noqa: SIM115 — the child keeps it
             process = subprocess.Popen(child_command("engine", "--base", path, "--served-model-name", base,
                                                      "--host", "127.0.0.1", "--port", "0"),
                                        env=self.env, stdout=subprocess.PIPE, stderr=log_file, text=True)
@@ -205,7 +213,7 @@ class EmbeddedEngines:
             time.sleep(0.05)
         if not found:
             process.kill()
-            raise Unavailable(f"The inference engine for {base!r} did not start; see engine-{base}.log in the data "
+            raise Unavailable(f"The inference engine for {base!r} did not start; see {engine_log_name(base)} in the data "
                               "directory", code="engine_unavailable")
         log.warning("embedded engine for %s: pid %d on %s", base, process.pid, found[0])
         return found[0]

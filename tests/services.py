@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -157,3 +158,40 @@ def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+LORAMILL = [sys.executable, "-c", "from loramill.cli import main; main()"]  # the CLI of this checkout's interpreter
+
+
+def loramill_env(data_dir, **settings: str) -> dict[str, str]:
+    """This process's environment without any LORAMILL_ setting, then the data dir and `settings` (LORAMILL_ + upper)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")}
+    env["LORAMILL_DATA_DIR"] = str(data_dir)
+    env.update({f"LORAMILL_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def loramill(env: dict[str, str], *args: str, cwd=None, timeout_s: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*LORAMILL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def loramill_serve(env: dict[str, str], log_path, timeout_s: float = 180):
+    """`loramill serve --port 0` (embedded worker); yields `(url, ready_line)` from the line it prints once ready."""
+    import re
+
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen([*LORAMILL, "serve", "--port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = open(log_path, encoding="utf-8", errors="replace").read()
+            found = re.search(r"^loramill serve: ready on (http://\S+?)/ .*$", text, re.MULTILINE)
+            if found:
+                yield found.group(1), found.group(0)
+                return
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"loramill serve did not say it was ready (exit {server.poll()}):\n{text[-3000:]}")
+            time.sleep(0.2)
+    finally:
+        stop(server)

@@ -12,7 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import click
@@ -60,14 +65,20 @@ def serve(host: str | None, port: int | None, workers: int | None) -> None:
     metrics_dir = _multiprocess_metrics_dir(settings.data_dir) if workers > 1 else None
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    host, port = host or settings.host, settings.port if port is None else port
+    if workers > 1:  # each process builds its own app from the same settings (service.app.create_served_app)
+        server = None
+        run = partial(uvicorn.run, "service.app:create_served_app", factory=True, workers=workers, host=host, port=port,
+                      log_level="warning", http="service.http_protocol:SettingsBoundedProtocol")
+        listening = partial(_connects, host, port)
+    else:
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                               http=bounded_protocol(settings.max_header_bytes)))
+        run = server.run
+        listening = lambda: server.servers[0].sockets[0].getsockname()[:2] if server.started else None  # noqa: E731
+    threading.Thread(target=_announce_when_ready, args=(listening, server, embedded, settings), daemon=True).start()
     try:
-        if workers > 1:  # each process builds its own app from the same settings (service.app.create_served_app)
-            uvicorn.run("service.app:create_served_app", factory=True, workers=workers, host=host or settings.host,
-                        port=port or settings.port, log_level="warning",
-                        http="service.http_protocol:SettingsBoundedProtocol")
-        else:
-            uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
-                        http=bounded_protocol(settings.max_header_bytes))
+        run()
     finally:
         if embedded is not None:
             embedded.stop()
@@ -98,6 +109,40 @@ def _multiprocess_metrics_dir(data_dir: Path) -> Path:
     path.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path
+
+
+def _connects(host: str, port: int) -> tuple[str, int] | None:
+    """(host, port) once something accepts connections there (the API processes of `serve --workers N`)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return None
+    return host, port
+
+
+def _announce_when_ready(listening, server, embedded, settings, worker_wait_s: float = 120) -> None:
+    """Once the HTTP server listens (`listening()` gives its address) and the embedded worker consumes, print
+    the URL and where the logs go."""
+    from service.embedded import WORKER_LOG, engine_log_name
+
+    while (address := listening()) is None:
+        if server is not None and server.should_exit:
+            return
+        time.sleep(0.05)
+    deadline = time.monotonic() + worker_wait_s
+    while embedded is not None and time.monotonic() < deadline:
+        try:
+            embedded.probe()
+            break
+        except RuntimeError:
+            time.sleep(0.1)
+    host, port = address
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    data = settings.data_dir
+    worker = f"worker {data / WORKER_LOG}; " if embedded is not None else ""
+    engines = f"engines {data / engine_log_name('<base>')}" if settings.embedded_engines else "engines: their own"
+    click.echo(f"loramill serve: ready on {url}/ (API {url}/v1, data in {data})\n"
+               f"logs: API errors on this terminal; {worker}{engines}", err=True)
 
 
 def _write_ready_file(path: str) -> None:
@@ -145,14 +190,31 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: 
                      "--without-mingle"])
 
 
+@contextmanager
 def _store():
-    """A session on the configured job store, migrated to the newest schema."""
-    from jobs.db import database, migrate
+    """A session on the configured job store, migrated to the newest schema.
+
+    A command that fails creates nothing: when it made the SQLite store (and the directories
+    holding it), they are removed again before the error is shown.
+    """
+    from adapters.fsutil import new_directories_removed_on_error
+    from jobs.db import database, forget, migrate, sqlite_path
     from loramill.settings import get_settings
 
     url = get_settings().resolved_database_url
-    migrate(url)
-    return database(url).sessions()
+    path = sqlite_path(url)
+    new_file = path is not None and not path.exists()
+    with new_directories_removed_on_error(path.parent) if new_file else nullcontext():
+        try:
+            migrate(url)
+            with database(url).sessions() as session:
+                yield session
+        except BaseException:
+            if new_file:
+                forget(url)  # close its connections before the file goes
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+            raise
 
 
 @click.group()
@@ -279,8 +341,11 @@ def engines_resume(url: str) -> None:
 @click.option("--api-key", default=None)
 @click.option("--admin-key", default=None)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: <data_dir>/demo.")
-def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
-    """Fine-tune and merge through the HTTP API end to end, then compare generations before and after."""
+@click.option("--keep-serving/--no-keep-serving", default=None,
+              help="Keep the server it started running at the end, for the web console. Default: on a terminal.")
+def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None,
+         keep_serving: bool | None) -> None:
+    """Fine-tune and merge through the HTTP API end to end, then compare answers before and after."""
     from loramill.cli.demo import run_demo
 
-    run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out)
+    run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out, keep_serving=keep_serving)
