@@ -59,12 +59,6 @@ def _config_from(values: dict) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
-def choose_sharding(base_bytes: int, device_bytes: int | None) -> str:
-    """"fsdp" when the base's weights take more than half of one device's memory (activations, the
-    optimizer and the CUDA context need the rest), else "ddp". `device_bytes` None: the CPU, always DDP."""
-    return "fsdp" if device_bytes is not None and base_bytes > device_bytes // 2 else "ddp"
-
-
 def launch(cfg: TrainingConfig, *, progress: ProgressCallback | None = None,
            should_stop: Callable[[], bool] | None = None,
            on_start: Callable[[TrainingConfig], None] | None = None, poll_s: float = 0.2) -> TrainingResult:
@@ -139,7 +133,7 @@ def _die_with_parent() -> None:
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class _EventReader:
@@ -203,7 +197,7 @@ def _rank_main(control: Path) -> int:
         return stop_file.exists()
 
     try:
-        ranks = AcceleratedRanks(cfg.sharding)
+        ranks = AcceleratedRanks()
         trainer = LoraTrainer(cfg, report, None, should_stop=stop_file.exists, ranks=ranks)
         try:
             if ranks.is_main:

@@ -20,10 +20,12 @@ not bit for bit).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the API reads MAX_DEVICES without loading it
+    import torch
 
-SHARDING = ("ddp", "fsdp")
+MAX_DEVICES = 64  # processes one run may ask for (a node's GPUs, or a few nodes'); the worker's setting caps it lower
 
 
 class Ranks:
@@ -54,7 +56,7 @@ class Ranks:
         return flag
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        """`module` as the processes train it together (DDP or FSDP); itself for one process."""
+        """`module` as the processes train it together (DDP); itself for one process."""
         return module
 
     def no_sync(self, module: torch.nn.Module):
@@ -70,29 +72,18 @@ class Ranks:
 
 
 class AcceleratedRanks(Ranks):
-    """One of `WORLD_SIZE` processes, through accelerate's `Accelerator` (its DDP or FSDP wrapping).
+    """One of `WORLD_SIZE` processes, through accelerate's `Accelerator` and its DDP wrapping.
 
-    `sharding="fsdp"` shards the frozen base's weights over the GPUs (for a base that does not fit
-    one device); it needs CUDA. `"ddp"` keeps a whole copy per process and all-reduces the LoRA
-    gradients (only they require grad), which is the cheap case and the only one on the CPU.
+    DDP keeps a whole copy of the frozen base per process and all-reduces the gradients of what
+    requires grad (the LoRA weights only: a few MB per step). Sharding the base itself over the
+    GPUs (FSDP, for a base that does not fit one) is not done here: see README, Training.
     """
 
-    def __init__(self, sharding: str = "ddp"):
+    def __init__(self):
+        import torch
         from accelerate import Accelerator
 
-        cuda = torch.cuda.is_available()
-        if sharding not in SHARDING:
-            raise ValueError(f"sharding must be one of {SHARDING}, got {sharding!r}")
-        if sharding == "fsdp" and not cuda:
-            raise ValueError("FSDP sharding needs CUDA devices")
-        plugin = None
-        if sharding == "fsdp":
-            from accelerate import FullyShardedDataParallelPlugin
-
-            # use_orig_params: frozen base weights and trainable LoRA weights share flat parameters
-            plugin = FullyShardedDataParallelPlugin(use_orig_params=True, auto_wrap_policy="transformer_based_wrap",
-                                                    state_dict_type="FULL_STATE_DICT")
-        self.accelerator = Accelerator(cpu=not cuda, fsdp_plugin=plugin)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         super().__init__(self.accelerator.device)
@@ -105,11 +96,15 @@ class AcceleratedRanks(Ranks):
         return {k: v[first:last] for k, v in batch.items()}
 
     def sum(self, value: float) -> float:
+        import torch
+
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return float(t.item())
 
     def agree(self, flag: bool) -> bool:
+        import torch
+
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         torch.distributed.broadcast(t, src=0)
         return bool(t.item())

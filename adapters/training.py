@@ -42,7 +42,7 @@ from adapters.fsutil import atomic_directory
 from adapters.layouts import is_conv1d
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
 from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
-from adapters.ranks import SHARDING, Ranks
+from adapters.ranks import MAX_DEVICES, Ranks
 
 STATE_FILE = "training_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -82,7 +82,6 @@ class TrainingConfig:
     max_rank: int = 1024
     cache_dir: str | None = None  # tokenized-dataset cache (`adapters.data.tokenize_jsonl`); None: no cache
     devices: int = 1  # processes training together (one GPU each on CUDA); `adapters.distributed`
-    sharding: str = "ddp"  # with devices > 1: "ddp" (a whole base per process) or "fsdp" (base sharded; CUDA)
 
     def validate(self) -> None:
         positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
@@ -103,8 +102,8 @@ class TrainingConfig:
         for name in ("save_every", "eval_every"):
             if (getattr(self, name) or 0) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", param=name)
-        if self.sharding not in SHARDING:
-            raise InputError(f"sharding must be one of {', '.join(SHARDING)}, got {self.sharding!r}", param="sharding")
+        if self.devices > MAX_DEVICES:
+            raise InputError(f"devices {self.devices} is above the maximum {MAX_DEVICES}", param="devices")
         if self.overlong not in ("truncate", "refuse"):
             raise InputError(f"overlong must be truncate or refuse, got {self.overlong!r}", param="overlong")
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -228,7 +227,7 @@ def _choose_auto(cfg: TrainingConfig, train_set, model_dir: Path) -> TrainingCon
 
 
 class _LossModule(torch.nn.Module):
-    """backbone → chunked LM-head cross-entropy, as one module so DDP/FSDP see every forward.
+    """backbone → chunked LM-head cross-entropy, as one module so DDP sees every forward.
 
     `forward(input_ids, attention_mask, labels[, position_ids])` → the summed loss over supervised tokens (scalar).
     """

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from adapters.ranks import MAX_DEVICES
+
 
 def register(main: click.Group) -> None:
     main.add_command(train)
@@ -43,6 +45,8 @@ def _targets(value: str) -> str | tuple[str, ...]:
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Validate every N steps (0: each epoch).")
 @click.option("--resume-from", type=click.Path(file_okay=False), help="A checkpoint directory to resume from.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
+@click.option("--devices", type=click.IntRange(1, MAX_DEVICES), default=1, show_default=True,
+              help="Train on N processes together (one GPU each; gloo processes on a CPU), through accelerate.")
 def train(**options) -> None:
     """Train a LoRA adapter on frozen base weights; writes a PEFT adapter to --out."""
     from adapters.training import TrainingConfig, train as run_training
