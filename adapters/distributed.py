@@ -84,22 +84,30 @@ def launch(cfg: TrainingConfig, *, progress: ProgressCallback | None = None,
                     stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
         events = _EventReader(control / EVENTS)
         stop = False
-        while True:
-            finished = all(p.poll() is not None for p in procs)
-            failed = [rank for rank, p in enumerate(procs) if p.returncode not in (None, 0)]
+
+        def relay() -> bool:
+            """Hand rank 0's new events to the callbacks; True when `progress` asks to stop."""
+            asked = False
             for kind, value in events.read():
                 if kind == "start" and on_start is not None:
                     on_start(_config_from(value))
                 elif kind == "progress" and progress is not None and progress(_progress_from(value)):
-                    stop = True
+                    asked = True
+            return asked
+
+        while True:
+            finished = all(p.poll() is not None for p in procs)
+            failed = [rank for rank, p in enumerate(procs) if p.returncode not in (None, 0)]
+            stop = relay() or stop
             if not stop and should_stop is not None and should_stop():
                 stop = True
             if stop:
                 (control / STOP).touch()
-            if finished or failed:
-                break
+            if finished or failed or (control / RESULT).exists():  # the result is rank 0's last write: tearing
+                break  # down the ranks (process group, interpreter) takes ~10 s under load; the finally cuts it
             time.sleep(poll_s)
-        if failed:
+        relay()  # what rank 0 wrote after the last read, up to its result
+        if failed and not (control / RESULT).exists():
             raise _failure(control, procs, failed)
         return _result_from(json.loads((control / RESULT).read_text()))
     finally:
