@@ -13,9 +13,7 @@ the caller with `PR_SET_PDEATHSIG=SIGKILL`, so killing the caller (a worker that
 a crashed rank never leaves the others blocked in a collective. Each child gets the environment
 `torchrun`/`accelerate launch` would give it (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`); accelerate's `Accelerator` reads it and opens
-the process group (gloo on the CPU, NCCL with one GPU per rank on CUDA). The same module runs
-under `accelerate launch -m adapters.distributed <control>` for a multi-host run, given a control
-directory on a shared volume.
+the process group (gloo on the CPU, NCCL with one GPU per rank on CUDA). One host only.
 
 Only the caller talks to the job store: the ranks never see the lease. Progress, cancellation
 and lease loss therefore behave as for one process (the caller's `progress` / `should_stop`
