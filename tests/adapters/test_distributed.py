@@ -83,6 +83,26 @@ def test_a_stop_reaches_every_process(cfg, tmp_path):
     assert not (tmp_path / "two" / "adapter_model.safetensors").exists()
 
 
+def test_a_lost_lease_in_the_caller_kills_every_rank(cfg, tmp_path):
+    """The worker's stop check raises `LeaseLost` when another attempt owns the job: the ranks must not train on."""
+    class LeaseLost(Exception):
+        pass
+
+    seen, ranks = [], []
+
+    def should_stop() -> bool:
+        ranks.extend(r for r in _children(os.getpid()) if r not in ranks)
+        if seen:
+            raise LeaseLost
+        return False
+
+    with pytest.raises(LeaseLost):
+        train(replace(cfg, out=str(tmp_path / "two"), devices=2, epochs=20), progress=seen.append,
+              should_stop=should_stop)
+    assert len(ranks) >= 2 and not [r for r in ranks if Path(f"/proc/{r}").exists() and _state(r) != "Z"]
+    assert not (tmp_path / "two" / "adapter_model.safetensors").exists()
+
+
 def test_a_rank_input_error_comes_back_as_one(cfg, tmp_path):
     from adapters.errors import InputError
 
