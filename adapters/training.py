@@ -14,6 +14,11 @@ A checkpoint (`<out>/checkpoints/step-NNNNNN/`) holds the adapter, the optimizer
 RNG states, the position in the data and `metrics.jsonl` up to its step; resuming from it, into
 the same `out` or a fresh one, replays the same batches in the same order and continues the
 metrics from the checkpoint's copy, so adapter and metrics equal the uninterrupted run's.
+
+`devices > 1` trains on that many processes (`adapters.distributed` launches them, `adapters.ranks`
+says how they split each batch): the same loop, where the main process (rank 0) alone writes
+files and reports progress, and a stop it is asked for reaches every process at the same
+micro-batch.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,6 +42,7 @@ from adapters.fsutil import atomic_directory
 from adapters.layouts import is_conv1d
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
 from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, quiet_peft_model_init
+from adapters.ranks import MAX_DEVICES, Ranks
 
 STATE_FILE = "training_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -75,11 +82,13 @@ class TrainingConfig:
     loss_chunk_tokens: int = 512
     max_rank: int = 1024
     cache_dir: str | None = None  # tokenized-dataset cache (`adapters.data.tokenize_jsonl`); None: no cache
+    devices: int = 1  # processes training together (one GPU each on CUDA); `adapters.distributed`
 
     def validate(self) -> None:
         positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
                     "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "max_seq_len": self.max_seq_len, "loss_chunk_tokens": self.loss_chunk_tokens}
+                    "max_seq_len": self.max_seq_len, "loss_chunk_tokens": self.loss_chunk_tokens,
+                    "devices": self.devices}
         for name, value in positive.items():
             if value is not None and not value > 0:  # None: "auto", chosen once the dataset is read
                 raise InputError(f"{name} must be positive, got {value}", param=name)
@@ -94,6 +103,8 @@ class TrainingConfig:
         for name in ("save_every", "eval_every", "keep_checkpoints"):
             if (getattr(self, name) or 0) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", param=name)
+        if self.devices > MAX_DEVICES:
+            raise InputError(f"devices {self.devices} is above the maximum {MAX_DEVICES}", param="devices")
         if self.overlong not in ("truncate", "refuse"):
             raise InputError(f"overlong must be truncate or refuse, got {self.overlong!r}", param="overlong")
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -218,11 +229,31 @@ def _choose_auto(cfg: TrainingConfig, train_set, model_dir: Path) -> TrainingCon
     return replace(cfg, epochs=chosen.n_epochs, batch_size=chosen.batch_size, lr=chosen.learning_rate)
 
 
+class _LossModule(torch.nn.Module):
+    """backbone → chunked LM-head cross-entropy, as one module so DDP sees every forward.
+
+    `forward(input_ids, attention_mask, labels[, position_ids])` → the summed loss over supervised tokens (scalar).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, loss_fn: CausalLMLoss):
+        super().__init__()
+        self.backbone = backbone
+        self.head = loss_fn.head  # registered, so a wrapper sees the head's (possibly tied) weight
+        self.loss_fn = loss_fn
+
+    def forward(self, labels: torch.Tensor, **batch: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(**batch, use_cache=False).last_hidden_state
+        return self.loss_fn(hidden, labels)
+
+
 class LoraTrainer:
     """One training run: `run()` is the loop, `close()` strips the LoRA layers off the base."""
 
     def __init__(self, cfg: TrainingConfig, progress: ProgressCallback | None, base_model,
-                 should_stop: Callable[[], bool] | None = None, checkpoint_on_stop: bool = False):
+                 should_stop: Callable[[], bool] | None = None, checkpoint_on_stop: bool = False,
+                 ranks: Ranks | None = None):
+        """`ranks`: this process's place among several training together (`adapters.ranks`); default one process.
+        `progress` and `should_stop` are only consulted on the main process."""
         from adapters.checkpoint import read_config
         from adapters.data import DataConfig, batches_per_epoch, tokenize_jsonl
         from adapters.tokenizer import load_tokenizer
@@ -233,19 +264,22 @@ class LoraTrainer:
         self.should_stop = should_stop or (lambda: False)
         self.checkpoint_on_stop = checkpoint_on_stop
         self.out = Path(cfg.out)
+        base_device = next(base_model.parameters()).device if base_model is not None else device_for_training()
+        self.ranks = ranks or Ranks(base_device)
         model_dir = resolve_model_dir(cfg.base)
         read_config(model_dir)  # a directory that is not a base model (an adapter, say) is refused in one line
         check_target_modules(model_dir, cfg.targets)
         self.tokenizer = load_tokenizer(model_dir)
         data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
-        self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
-        self.val_set = None
-        if cfg.validation:
-            self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
+        with self.ranks.main_first():  # the others then read what it cached
+            self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
+            self.val_set = None
+            if cfg.validation:
+                self.val_set = tokenize_jsonl(cfg.validation, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         cfg = self.cfg = _choose_auto(cfg, self.train_set, model_dir)
 
-        base = base_model if base_model is not None else load_base_model(model_dir)
+        base = base_model if base_model is not None else load_base_model(model_dir, self.ranks.device)
         self.device = next(base.parameters()).device
         self.model = _lora_model(base, cfg)
         causal_lm = self.model.get_base_model()
@@ -255,9 +289,9 @@ class LoraTrainer:
             else:
                 causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             causal_lm.enable_input_require_grads()
-        self.backbone = causal_lm.base_model
-        self.loss_fn = CausalLMLoss(causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,
-                                     getattr(causal_lm.config, "final_logit_softcapping", None))
+        self.loss_module = _LossModule(causal_lm.base_model, CausalLMLoss(
+            causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,
+            getattr(causal_lm.config, "final_logit_softcapping", None)))
         use_bf16 = cfg.bf16 if cfg.bf16 is not None else (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
 
@@ -277,13 +311,16 @@ class LoraTrainer:
         self.resumed_from = Path(cfg.resume_from) if cfg.resume_from else None
         if self.resumed_from:
             self._load_state(self.resumed_from)
+        self.forward_module = self.ranks.wrap(self.loss_module)  # after loading: DDP starts from equal weights
 
     # -- the loop -------------------------------------------------------------------------------
 
     def run(self) -> TrainingResult:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics = _MetricsLog(self.out / METRICS_NAME, resumed_from=self.resumed_from, step=self.step)
+        main = self.ranks.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        metrics = _MetricsLog(self.out / METRICS_NAME, resumed_from=self.resumed_from, step=self.step) if main else None
         clock = _Clock(self.step, self.tokens_seen)
         batches = self._epoch_batches()
         loss = val_loss = None
@@ -298,30 +335,36 @@ class LoraTrainer:
             self.step += 1
             self.micro_in_epoch += len(group)
             step_val = epoch_val = None
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.val_set is not None:
+            evaluate = main and self.val_set is not None  # the main process alone evaluates
+            if evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                 step_val = val_loss = self.evaluate()
             if self.micro_in_epoch == self.batches_per_epoch:
                 self.epoch, self.micro_in_epoch = self.epoch + 1, 0
                 batches = self._epoch_batches()
-                if self.val_set is not None and not cfg.eval_every:
+                if evaluate and not cfg.eval_every:
                     epoch_val = val_loss = self.evaluate()
             checkpoint = self._checkpoint_dir()
+            if not main:
+                if self.ranks.agree(False):
+                    stopped = True
+                    break
+                continue
             report = self._report(loss, step_val if step_val is not None else epoch_val, checkpoint, clock)
             metrics.write(report)
             if checkpoint is not None:
                 self._save_checkpoint(checkpoint, metrics.path)
-            if self.progress is not None and self.progress(report):
+            if self.ranks.agree(self.progress is not None and bool(self.progress(report))):
                 stopped = True
                 break
-        if stopped and self.checkpoint_on_stop and self.step > 0:
+        if main and stopped and self.checkpoint_on_stop and self.step > 0:
             target = self.out / "checkpoints" / f"step-{self.step:06d}"
             if not (self.checkpoints and self.checkpoints[-1] == target):
                 self._save_checkpoint(target, metrics.path)
-        if not stopped and self.val_set is not None and val_loss is None:
+        if main and not stopped and self.val_set is not None and val_loss is None:
             val_loss = self.evaluate()
-        adapter_dir = None if stopped else self._save_adapter()
+        adapter_dir = None if stopped or not main else self._save_adapter()
         return TrainingResult(adapter_dir=adapter_dir, steps=self.step, trained_tokens=self.tokens_seen,
-                              final_loss=loss, metrics_path=metrics.path, stopped=stopped,
+                              final_loss=loss, metrics_path=self.out / METRICS_NAME, stopped=stopped,
                               val_loss=val_loss, checkpoints=list(self.checkpoints))
 
     def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -333,11 +376,10 @@ class LoraTrainer:
                                max_seq_len=cfg.max_seq_len, packing=cfg.packing, shuffle=True, seed=cfg.seed,
                                epoch=self.epoch, start_batch=self.micro_in_epoch, mask_dtype=self.autocast_dtype)
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.pop("labels")
+    def _forward_loss(self, batch: dict[str, torch.Tensor], module: torch.nn.Module | None = None) -> torch.Tensor:
+        """Summed cross-entropy over `batch`'s supervised tokens, through `module` (default: the wrapped one)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            hidden = self.backbone(**batch, use_cache=False).last_hidden_state
-            return self.loss_fn(hidden, labels)
+            return (module or self.forward_module)(**batch)
 
     def _optimizer_step(self, group: list[dict[str, torch.Tensor]]) -> float | None:
         """One optimizer step over `group`'s micro-batches; its mean loss, or None when asked to stop first.
@@ -345,17 +387,25 @@ class LoraTrainer:
         A loss that is not finite fails the run before the weights are touched: a learning rate or
         alpha too large for the model would otherwise train on into NaN weights and "succeed".
         """
+        ranks = self.ranks
         group = [{k: v.to(self.device) for k, v in b.items()} for b in group]
-        n_tokens = sum(supervised_tokens(b["labels"]) for b in group)
+        n_tokens = sum(supervised_tokens(b["labels"]) for b in group)  # of the whole step, on every process
         total, tokens = 0.0, 0
-        for batch in group:
-            if self.should_stop():
+        for i, batch in enumerate(group):
+            if ranks.agree(ranks.is_main and self.should_stop()):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             tokens += real_tokens(batch, self.pad_id)
-            loss_sum = self._forward_loss(batch)
-            (loss_sum / max(1, n_tokens)).backward()
+            share = ranks.share(batch)
+            last = i == len(group) - 1
+            with nullcontext() if last else ranks.no_sync(self.forward_module):
+                if share is None:  # no rows for this process: a zero-weight pass still joins DDP's all-reduce
+                    loss_sum = self._forward_loss({k: v[:1] for k, v in batch.items()}) * 0.0
+                else:
+                    loss_sum = self._forward_loss(share)
+                (loss_sum * (ranks.world / max(1, n_tokens))).backward()  # DDP averages over the world
             total += loss_sum.item()
+        total = ranks.sum(total)
         if not math.isfinite(total):
             raise InputError(f"the training loss is {total} at step {self.step + 1}: the learning rate or LoRA alpha "
                              "is too large for this model; nothing was saved", param="learning_rate_multiplier",
@@ -379,7 +429,7 @@ class LoraTrainer:
                                      shuffle=False, seed=0, epoch=0, mask_dtype=self.autocast_dtype):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             count += supervised_tokens(batch["labels"])
-            total += float(self._forward_loss(batch))
+            total += float(self._forward_loss(batch, self.loss_module))  # main process only: no DDP
         self.model.train()
         return total / max(1, count)
 
@@ -523,7 +573,16 @@ def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_mo
     told the configuration actually trained with ("auto" values chosen) before the first step.
     `checkpoint_on_stop`: a run stopped early saves a checkpoint of its last finished step (what
     `loramill train` does on Ctrl-C, so it can be resumed); a cancelled job does not.
+
+    `cfg.devices > 1`: the run happens in that many child processes (`adapters.distributed.launch`);
+    this process relays their progress to `progress` and its stops to them; `base_model` is unused,
+    and a stopped run keeps the checkpoints it has (`checkpoint_on_stop` is for one process).
     """
+    if cfg.devices > 1:
+        from adapters.distributed import launch
+
+        cfg.validate()
+        return launch(cfg, progress=progress, should_stop=should_stop, on_start=on_start)
     trainer = LoraTrainer(cfg, progress, base_model, should_stop, checkpoint_on_stop)
     try:
         if on_start is not None:

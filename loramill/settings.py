@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     tenant_cache_ttl_s: float = Field(10.0, description="How long an API process remembers a key's tenant; 0: off.")
     lease_ttl_s: float = Field(45.0, gt=0, description="A worker's claim on a job lapses this long after its last renewal.")
     reconcile_interval_s: float = Field(10.0, description="How often the API requeues stranded jobs; 0: never.")
+    worker_devices: int = Field(1, ge=1, description="Devices (GPUs; processes on a CPU-only worker) one fine-tuning "
+                                "job may train on. The API refuses a job asking more; set it alike on API and workers.")
     resend_after_s: float = Field(60.0, gt=0, description="A queued job whose broker message is missing this long is sent again.")
     # Bounds on every request (hostile input is normal input): each answered 4xx before the cost is paid.
     max_header_bytes: int = Field(32 * 1024, gt=0, description="Request line plus headers, in bytes (431 beyond).")

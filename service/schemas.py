@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from adapters.peft_format import MAX_LORA_ALPHA
+from adapters.ranks import MAX_DEVICES
 from merge.options import describe as describe_merges
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
@@ -84,6 +85,7 @@ class Hyperparameters(Body):
     grad_accum: ranged(int, 1, 1024) = 1
     packing: StrictBool = False
     checkpoint_every: ranged(int, 0) | None = None  # steps; None: once per epoch
+    devices: ranged(int, 1, MAX_DEVICES) = 1  # processes training together; also capped by LORAMILL_WORKER_DEVICES
 
 
 class Supervised(Body):

@@ -8,6 +8,11 @@ attempts left that no checkpoint row refers to. Progress (metrics events, checkp
 is written through the lease at most once a second and at each checkpoint, which is also when
 a cancellation request is noticed. The finished adapter is copied to `<attempt>/adapter/`, and
 the adapter row, the metrics file row and the job's success are written in one fenced commit.
+
+A job with `hyperparameters.devices = N > 1` trains on N processes (`adapters.distributed`): this
+process keeps the lease and writes to the store exactly as for one process (the same progress
+recorder and stop check, fed by rank 0's reports), so resume, cancellation, lease loss and
+metrics are the same; a worker whose `worker_devices` is below N fails the job with a clear error.
 """
 
 from __future__ import annotations
@@ -150,7 +155,9 @@ def _train(ctx: WorkerContext, lease: Lease) -> None:
     keep = ctx.settings.keep_checkpoints
     recorder = ProgressRecorder(lease, attempt, on_checkpoint=(
         lambda: prune_checkpoints(ctx, lease.job_id, keep, lease.transaction)) if keep else None)
-    result = train(training_config(ctx, inputs, attempt), progress=recorder, base_model=base_models.get(inputs.base_path),
+    cfg = training_config(ctx, inputs, attempt)
+    base_model = base_models.get(inputs.base_path) if cfg.devices == 1 else None  # N ranks load their own
+    result = train(cfg, progress=recorder, base_model=base_model,
                    should_stop=_stop_check(lease), on_start=lambda cfg: _record_chosen(lease, inputs.job, cfg))
     recorder.flush()
     if result.stopped:
@@ -225,10 +232,19 @@ def _given(value):
     return None if value == "auto" else value
 
 
+def _devices(ctx: WorkerContext, hp: dict) -> int:
+    devices = hp.get("devices", 1)  # jobs created before multi-process training trained on one
+    if devices > ctx.settings.worker_devices:
+        raise InputError(f"the job asks for {devices} devices; this worker offers {ctx.settings.worker_devices}",
+                         param="hyperparameters.devices", code="devices_unavailable")
+    return devices
+
+
 def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
     from adapters.training import TrainingConfig
 
     job, hp, lora = inputs.job, inputs.job.hyperparameters, inputs.job.lora
+    devices = _devices(ctx, hp)
 
     def path(file_id: str) -> str:
         return str(ctx.artifacts.local_path(inputs.files[file_id].storage_key))
@@ -246,5 +262,6 @@ def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
         max_rank=ctx.settings.max_rank,
         resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
         cache_dir=str(ctx.settings.resolved_dataset_cache_dir),
+        devices=devices,
     )
 

@@ -17,6 +17,7 @@ import click
 
 from adapters.errors import InputError
 from adapters.fsutil import new_directories_removed_on_error
+from adapters.ranks import MAX_DEVICES
 
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 
@@ -57,6 +58,8 @@ def _targets(value: str) -> str | tuple[str, ...]:
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Validate every N steps (0: each epoch).")
 @click.option("--resume-from", type=click.Path(file_okay=False), help="A checkpoint directory to resume from.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
+@click.option("--devices", type=click.IntRange(1, MAX_DEVICES), default=1, show_default=True,
+              help="Train on N processes together (one GPU each; gloo processes on a CPU), through accelerate.")
 @click.option("--overwrite", is_flag=True,
               help="Replace a non-empty --out (its old contents are deleted once the data and base have loaded).")
 def train(overwrite: bool, **options) -> None:

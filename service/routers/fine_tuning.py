@@ -74,6 +74,13 @@ def _check_context(max_seq_len: int, base) -> None:
                        f"{base.name!r} takes", param="hyperparameters.max_seq_len", code="invalid_value")
 
 
+def _check_devices(devices: int, offered: int) -> None:
+    if devices > offered:
+        raise APIError(400, f"hyperparameters.devices {devices} is more than the {offered} device"
+                       f"{'s' if offered > 1 else ''} a training worker offers", param="hyperparameters.devices",
+                       code="invalid_value")
+
+
 _TENANT_FILES = select(FileRow.id, FileRow.purpose, FileRow.records).where(
     FileRow.id.in_(bindparam("ids", expanding=True)), FileRow.tenant_id == bindparam("tenant_id"))
 
@@ -106,6 +113,7 @@ def _create_job(body: FineTuningJobCreate, services: Services, tenant_id: str) -
         check_active_jobs(conn, tenant_id, services.settings.max_active_jobs)
         hp = resolve_hyperparameters(_hyperparameters(body))
         _check_context(hp["max_seq_len"], base)
+        _check_devices(hp["devices"], services.settings.worker_devices)
         lora = _lora(body, base.path, services.settings.max_rank)
 
         job = JobRow(id=new_id("ftjob"), tenant_id=tenant_id, model=base.name, training_file=train_file.id,
