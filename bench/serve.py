@@ -1,7 +1,7 @@
 """Multi-adapter serving throughput: the loramill engine against transformers and PEFT, in one run.
 
     .venv/bin/python bench/serve.py [--out bench/out] [--rounds 3] [--serial-requests 16]
-                                    [--rate 4] [--http-requests 32] [--vllm-python PATH] [--json FILE]
+                                    [--rate 2] [--http-requests 32] [--vllm-python PATH] [--json FILE]
 
 The workload (issue 10): a 25.6 M-parameter Llama with the byte vocabulary (`loramill base create
 --layers 8 --hidden 512 --heads 8 --kv-heads 8 --intermediate 1376`), 16 rank-8 PEFT adapters on all
@@ -10,10 +10,11 @@ tokens x 32 new tokens, greedy, end-of-sequence ignored so every request makes e
 batch 16, request i asking adapter i mod 16. Everything is float32 on the CPU with torch's default
 thread count, the same for every peer.
 
-A peer is a function `(prompts, adapters, batch, new_tokens) -> (tokens, seconds)`: `prompts` are
-token-id lists, `adapters[i]` the adapter directory request i asks for (None: the base model).
-It loads its model and adapters and warms up untimed, then returns the tokens generated and the
-seconds spent generating them (loading excluded). Peers measured:
+A peer is a function `(prompts, adapters, batch, new_tokens) -> (tokens, seconds[, cpu_seconds])`:
+`prompts` are token-id lists, `adapters[i]` the adapter directory request i asks for (None: the base
+model). It loads its model and adapters and warms up untimed, then returns the tokens generated and
+the seconds spent generating them (loading excluded); in-process peers also return the process's CPU
+seconds over the same span. Peers measured:
 
     engine          loramill's engine in-process (`serving.engine.Engine`), all 64 requests submitted
                     at once, `max_num_seqs` = batch, `max_loras` 16, `max_lora_rank` 8
@@ -25,7 +26,9 @@ seconds spent generating them (loading excluded). Peers measured:
                     adapters, batch, new_tokens, base=..., python=PATH)`, the same contract
 
 Peers run in rounds, interleaved (a, c, engine, ...), so load from other processes on the machine
-hits each alike; ratios are taken per round and reported as median (min-max).
+hits each alike; ratios are taken per round and reported as median (min-max). On a shared machine
+the load changes within a round, so ratios of output tokens per CPU-second (in-process peers) are
+printed too: with one thread (--threads 1) they barely depend on how much of a core a peer got.
 Targets: engine >= 0.85x (a) and >= 2.4x (c).
 
 Also printed, for the engine: output tokens/s as the number of distinct adapters among the 64
@@ -70,7 +73,17 @@ REQUESTS, PROMPT_TOKENS, NEW_TOKENS, BATCH = 64, 32, 32, 16
 ADAPTER_COUNTS = (1, 4, 16, 64)
 TARGET_VS_BASE, TARGET_VS_MIXED = 0.85, 2.4
 
-Peer = Callable[[list[list[int]], list[Path | None], int, int], tuple[int, float]]
+Peer = Callable[[list[list[int]], list[Path | None], int, int], tuple]  # (tokens, seconds[, cpu_seconds])
+
+
+class Clock:
+    """Wall and process CPU seconds since construction."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def since(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 # --- inputs -----------------------------------------------------------------------------------
@@ -144,9 +157,9 @@ def peer_base(base: Path, prompts, adapters, batch: int, new_tokens: int) -> tup
     """(a) The base model alone (adapters ignored), transformers `generate`, `batch` requests at a time."""
     model = _hf_base(base)
     _generate(model, prompts[:batch], 2)
-    started = time.perf_counter()
+    clock = Clock()
     tokens = sum(_generate(model, [prompts[i] for i in rows], new_tokens) for rows in _batches(len(prompts), batch))
-    return tokens, time.perf_counter() - started
+    return (tokens, *clock.since())
 
 
 def _peft(base: Path, adapters) -> tuple[object, dict]:
@@ -164,17 +177,18 @@ def peer_peft_serial(base: Path, prompts, adapters, batch: int, new_tokens: int)
     """(b) PEFT, one request at a time: `set_adapter` to the request's adapter, then `generate`."""
     model, names = _peft(base, adapters)
     _generate(model, prompts[:1], 2)
-    tokens, spent = 0, 0.0
+    tokens, spent, cpu = 0, 0.0, 0.0
     for prompt, adapter in zip(prompts, adapters):
-        started = time.perf_counter()
+        clock = Clock()
         if adapter is None:
             with model.disable_adapter():
                 tokens += _generate(model, [prompt], new_tokens)
         else:
             model.set_adapter(names[adapter])
             tokens += _generate(model, [prompt], new_tokens)
-        spent += time.perf_counter() - started
-    return tokens, spent
+        wall, used = clock.since()
+        spent, cpu = spent + wall, cpu + used
+    return tokens, spent, cpu
 
 
 def peer_peft_mixed(base: Path, prompts, adapters, batch: int, new_tokens: int) -> tuple[int, float]:
@@ -182,10 +196,10 @@ def peer_peft_mixed(base: Path, prompts, adapters, batch: int, new_tokens: int) 
     model, names = _peft(base, adapters)
     labels = [names[a] if a is not None else "__base__" for a in adapters]
     _generate(model, prompts[:batch], 2, adapter_names=labels[:batch])
-    started = time.perf_counter()
+    clock = Clock()
     tokens = sum(_generate(model, [prompts[i] for i in rows], new_tokens, adapter_names=[labels[i] for i in rows])
                  for rows in _batches(len(prompts), batch))
-    return tokens, time.perf_counter() - started
+    return (tokens, *clock.since())
 
 
 def _engine(base: Path, adapters, batch: int):
@@ -228,10 +242,9 @@ def peer_engine(base: Path, prompts, adapters, batch: int, new_tokens: int) -> t
     engine, refs = _engine(base, adapters, batch)
     warm = list(dict.fromkeys(adapters))[:SLOTS]  # fill the slots and warm every code path, untimed
     _engine_run(engine, refs, prompts[:len(warm)], warm, 2)
-    started = time.perf_counter()
+    clock = Clock()
     outputs = _engine_run(engine, refs, prompts, adapters, new_tokens)
-    seconds = time.perf_counter() - started
-    return sum(len(d.token_ids) for deltas in outputs for d in deltas), seconds
+    return (sum(len(d.token_ids) for deltas in outputs for d in deltas), *clock.since())
 
 
 def optional_peers(base: Path, vllm_python: str | None) -> dict[str, Peer]:
@@ -251,7 +264,7 @@ def adapter_scaling(base: Path, dirs: list[Path], prompts) -> dict[int, float]:
     result = {}
     for count in ADAPTER_COUNTS:
         adapters = [dirs[i % count] for i in range(len(prompts))]
-        tokens, seconds = peer_engine(base, prompts, adapters, BATCH, NEW_TOKENS)
+        tokens, seconds, _ = peer_engine(base, prompts, adapters, BATCH, NEW_TOKENS)
         result[count] = tokens / seconds
     return result
 
@@ -364,7 +377,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every batched peer")
     parser.add_argument("--serial-requests", type=int, default=16, help="requests (b) runs, one at a time")
-    parser.add_argument("--rate", type=float, default=4.0, help="HTTP requests per second")
+    parser.add_argument("--rate", type=float, default=2.0, help="HTTP requests per second")
     parser.add_argument("--http-requests", type=int, default=32)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: serial,scaling,cold,http")
     parser.add_argument("--threads", type=int, help="torch CPU threads for every in-process peer (default: torch's)")
@@ -383,22 +396,34 @@ def main() -> None:
 
     peers: dict[str, Peer] = {"base": partial(peer_base, base), "peft-mixed": partial(peer_peft_mixed, base),
                               "engine": partial(peer_engine, base), **optional_peers(base, args.vllm_python)}
+    load_start = load_average()
     rates: dict[str, list[float]] = {name: [] for name in peers}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in peers}
     for r in range(args.rounds):
         order = list(peers)[r % len(peers):] + list(peers)[:r % len(peers)]  # who goes first rotates
         for name in order:
-            tokens, seconds = peers[name](prompts, adapters, BATCH, NEW_TOKENS)
+            tokens, seconds, *cpu = peers[name](prompts, adapters, BATCH, NEW_TOKENS)
             rates[name].append(tokens / seconds)
-            print(f"  round {r + 1} {name:<11} {tokens} tokens in {seconds:.2f} s: {tokens / seconds:7.1f} tok/s "
-                  f"(load {load_average()})", flush=True)
-    results: dict = {"load_average_start": load_average(), "tokens_per_s": {k: _spread(v) for k, v in rates.items()},
-                     "engine_over": {k: _spread(e / p for e, p in zip(rates["engine"], v, strict=True))
-                                     for k, v in rates.items() if k != "engine"}}
+            if cpu:
+                cpu_rates[name].append(tokens / cpu[0])
+            print(f"  round {r + 1} {name:<11} {tokens} tokens in {seconds:.2f} s: {tokens / seconds:7.1f} tok/s"
+                  + (f", {tokens / cpu[0]:7.1f} tok per CPU-s" if cpu else "") + f" (load {load_average()})", flush=True)
+
+    def over(table: dict[str, list[float]]) -> dict:
+        return {k: _spread(e / p for e, p in zip(table["engine"], v, strict=True))
+                for k, v in table.items() if k != "engine" and len(v) == len(table["engine"])}
+
+    results: dict = {"load_average_start": load_start, "threads": torch.get_num_threads(),
+                     "tokens_per_s": {k: _spread(v) for k, v in rates.items()},
+                     "tokens_per_cpu_s": {k: _spread(v) for k, v in cpu_rates.items() if v},
+                     "engine_over": over(rates), "engine_over_per_cpu_s": over(cpu_rates)}
     if "serial" not in skip:
         n = args.serial_requests
-        tokens, seconds = peer_peft_serial(base, prompts[:n], adapters[:n], 1, NEW_TOKENS)
+        tokens, seconds, cpu = peer_peft_serial(base, prompts[:n], adapters[:n], 1, NEW_TOKENS)
         results["tokens_per_s"]["peft-serial"] = _spread([tokens / seconds])
-        print(f"  peft-serial {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s", flush=True)
+        results["tokens_per_cpu_s"]["peft-serial"] = _spread([tokens / cpu])
+        print(f"  peft-serial {tokens} tokens in {seconds:.2f} s: {tokens / seconds:.1f} tok/s, "
+              f"{tokens / cpu:.1f} tok per CPU-s", flush=True)
     if "scaling" not in skip:
         results["adapter_scaling_tokens_per_s"] = adapter_scaling(base, dirs, prompts)
     if "cold" not in skip:
@@ -415,20 +440,24 @@ def main() -> None:
 
 
 def report(results: dict) -> None:
-    t, over = results["tokens_per_s"], results["engine_over"]
+    t, over, per_cpu = results["tokens_per_s"], results["engine_over"], results["engine_over_per_cpu_s"]
     print(f"\n{REQUESTS} requests x {PROMPT_TOKENS} prompt + {NEW_TOKENS} new tokens, greedy, batch {BATCH}, "
-          f"{SLOTS} rank-{RANK} adapters; output tokens/s, median (min-max) over rounds; "
-          f"load average {results['load_average_start']} -> {results['load_average_end']}")
+          f"{SLOTS} rank-{RANK} adapters, {results['threads']} torch threads; output tokens/s, median (min-max) "
+          f"over rounds; load average {results['load_average_start']} -> {results['load_average_end']}")
     labels = {"engine": "loramill engine", "base": "(a) base alone, transformers generate",
               "peft-serial": "(b) PEFT set_adapter, one at a time", "peft-mixed": "(c) PEFT mixed batch",
               "vllm": "vLLM (bench/vllm_peer.py)"}
     for name, spread in t.items():
-        print(f"  {labels.get(name, name):<40} {_fmt(spread, '{:.1f}')}")
+        cpu = results["tokens_per_cpu_s"].get(name)
+        print(f"  {labels.get(name, name):<40} {_fmt(spread, '{:.1f}')}"
+              + (f"   per CPU-second {_fmt(cpu, '{:.1f}')}" if cpu else ""))
     for name, ratio in over.items():
         target = {"base": f" (target >= {TARGET_VS_BASE})", "peft-mixed": f" (target >= {TARGET_VS_MIXED})"}.get(name, "")
-        print(f"  engine / {labels.get(name, name):<31} {_fmt(ratio)}x{target}")
+        cpu = f"; per CPU-second {_fmt(per_cpu[name])}x" if name in per_cpu else ""
+        print(f"  engine / {labels.get(name, name):<31} {_fmt(ratio)}x{cpu}{target}")
     if "peft-serial" in t:
-        print(f"  engine / (b) PEFT serial                 {t['engine']['median'] / t['peft-serial']['median']:.2f}x "
+        print(f"  engine / (b) PEFT serial                 {t['engine']['median'] / t['peft-serial']['median']:.2f}x; "
+              f"per CPU-second {results['tokens_per_cpu_s']['engine']['median'] / results['tokens_per_cpu_s']['peft-serial']['median']:.2f}x "
               f"(medians)")
     if "adapter_scaling_tokens_per_s" in results:
         scaling = ", ".join(f"{k}: {v:.1f}" for k, v in results["adapter_scaling_tokens_per_s"].items())
