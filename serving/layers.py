@@ -13,6 +13,30 @@ import torch.nn.functional as F
 from serving.lora import LoraBatch, add_embedding_lora, lora_kernel
 
 
+class BaseMatmul:
+    """`x Wᵀ + b` for a base weight, with MKL's packed SGEMM at the decode batch size on CPUs.
+
+    Decode multiplies `rows` (= `max_num_seqs` once the batch is full) tokens by every weight at every
+    step. MKL can pre-pack `Wᵀ` into its kernel's blocked layout once (`cblas_sgemm_pack`, through
+    torch's `mkl::_mkl_linear`, the op Inductor uses for float32 CPU linears); on a [16, 512] x
+    [512, 2752] product it ran ~1.4x faster than `torch.mm` on the row-major `Wᵀ` (1 thread). MKL only
+    promises the packed layout for the M it was packed for, so any other token count (prefills, a
+    partly filled batch) takes `torch.mm` as before. Costs one more copy of the base weights in host
+    memory; used only for float32 on the CPU with MKL, never for the LoRA stacks (rewritten per slot).
+    """
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, rows: int | None):
+        self.weight_t, self.bias = weight_t, bias
+        self.rows, self.packed = rows, None
+        if rows and weight_t.device.type == "cpu" and weight_t.dtype == torch.float32 and torch.backends.mkl.is_available():
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight_t.t().contiguous(), rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] == self.rows:
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight_t.t(), self.bias, self.rows)
+        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+
+
 class Projection:
     """P outputs sharing one input: `y = x Wᵀ + b`, split into parts (q|k|v), each with batched LoRA.
 
@@ -23,8 +47,9 @@ class Projection:
     """
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, parts: list[tuple[str, int]], *,
-                 slots: int, rank: int, allocate: bool = True):
+                 slots: int, rank: int, allocate: bool = True, pack_rows: int | None = None):
         self.weight_t, self.bias = weight_t, bias
+        self.matmul = BaseMatmul(weight_t, bias, pack_rows)
         self.names = [name for name, _ in parts]
         self.sizes = [size for _, size in parts]
         self.slots, self.rank = slots, rank
@@ -76,7 +101,7 @@ class Projection:
 
     def __call__(self, x: torch.Tensor, batch: LoraBatch) -> list[torch.Tensor]:
         """x [T, d_in] -> one [T, d_out_p] tensor per part."""
-        y = torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        y = self.matmul(x)
         ys = list(y.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [y]
         if self.lora_slots and batch.active:
             self.kernel(ys, x, self.a_t, self.b_ts, batch, self.rank)

@@ -67,6 +67,7 @@ class CausalLM:
         self.device = next(hf_model.parameters()).device
         self.dtype = next(hf_model.parameters()).dtype
         self.slots, self.rank = config.max_loras + 1, config.max_lora_rank
+        self.pack_rows = config.max_num_seqs  # the decode batch size once full (see `BaseMatmul`)
         self.num_layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.max_model_len = max_model_len
         self.projections: dict[str, tuple[Projection, int]] = {}
@@ -79,7 +80,8 @@ class CausalLM:
     def projection(self, modules: list, weight_t: torch.Tensor, bias: torch.Tensor | None, *,
                    allocate: bool = True) -> Projection:
         parts = [(self.names[id(m)], self._out_features(m)) for m in modules]
-        proj = Projection(weight_t, bias, parts, slots=self.slots, rank=self.rank, allocate=allocate)
+        proj = Projection(weight_t, bias, parts, slots=self.slots, rank=self.rank, allocate=allocate,
+                          pack_rows=self.pack_rows)
         for p, (name, _) in enumerate(parts):
             self.projections[name] = (proj, p)
         return proj
