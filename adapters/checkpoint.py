@@ -280,7 +280,14 @@ def read_config(model_dir: Path) -> dict:
     """`config.json` as a dict; `InputError` when missing or malformed."""
     path = model_dir / "config.json"
     if not path.is_file():
-        raise InputError(f"{model_dir}: no config.json")
+        from adapters.peft_format import CONFIG_NAME as ADAPTER_CONFIG  # peft_format imports this module
+
+        if (model_dir / ADAPTER_CONFIG).is_file():
+            base = _json_file(model_dir / ADAPTER_CONFIG).get("base_model_name_or_path")
+            of = f" (trained on {base})" if isinstance(base, str) and base else ""
+            raise InputError(f"{model_dir} is a LoRA adapter, not a base model: give its base model{of} instead",
+                             code="adapter_not_base")
+        raise InputError(f"{model_dir}: no config.json; not a Hugging Face model directory")
     return _json_file(path)
 
 

@@ -70,16 +70,44 @@ def atomic_directory(target: Path, *, overwrite: bool = False, durable: bool = F
         raise
 
 
+FILE_MODE = 0o644  # what every written file gets: `mkstemp` makes its files 0600
+
+
+def temporary_file(path: Path) -> tuple[int, str]:
+    """`mkstemp` beside `path` (same filesystem, so the rename is atomic), with the mode of every other file we
+    write: readable by all, as a file copied or saved by transformers is, not mkstemp's owner-only 0600."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory and rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = temporary_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def new_directories_removed_on_error(path: Path) -> Iterator[None]:
+    """If the body raises, remove `path` and those of its ancestors that did not exist before it ran, deepest
+    first and each only if empty: a command that fails leaves no directories it made (a dataset cache, say)."""
+    path = Path(path).absolute()
+    new = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for directory in new:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (someone else's now), or already gone
+                break
         raise
 
 

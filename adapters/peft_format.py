@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +37,16 @@ from adapters.checkpoint import (
 )
 from adapters.errors import InputError, brief
 from adapters.layouts import is_conv1d, transformers_renames
+
+@contextmanager
+def quiet_peft_model_init() -> Iterator[None]:
+    """Around building a `PeftModel`: peft reads `model.is_gradient_checkpointing`, which transformers deprecated
+    (FutureWarning, "use `is_activation_checkpointing`") — a warning about peft's code, nothing a user can act on.
+    Only that one warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

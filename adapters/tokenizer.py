@@ -64,3 +64,27 @@ def save_byte_tokenizer(out_dir: Path, model_max_length: int):
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(model_dir: Path):
+    """`AutoTokenizer.from_pretrained(model_dir)`, or `InputError` in one line when the directory holds none.
+
+    transformers answers a directory without tokenizer files with a long traceback (or, for some
+    configs, by trying the hub); a base model for loramill must carry its tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    from adapters.errors import InputError
+
+    model_dir = Path(model_dir)
+    if model_dir.is_dir() and not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); a base model "
+                         "directory must include its tokenizer files", code="no_tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{model_dir}: the tokenizer cannot be loaded ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})", code="no_tokenizer") from exc

@@ -35,7 +35,7 @@ from adapters.errors import InputError
 from adapters.fsutil import atomic_directory
 from adapters.layouts import is_conv1d
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
-from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, quiet_peft_model_init
 
 STATE_FILE = "training_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -67,6 +67,7 @@ class TrainingConfig:
     overlong: str = "truncate"
     seed: int = 0
     save_every: int | None = 0  # steps between checkpoints; 0: none, None: at the end of each epoch
+    keep_checkpoints: int = 0  # the newest this many checkpoints in out/checkpoints are kept; 0: all
     eval_every: int = 0
     resume_from: str | None = None
     bf16: bool | None = None  # None: bf16 autocast where the device supports it (CUDA)
@@ -90,7 +91,7 @@ class TrainingConfig:
             raise InputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", param="warmup_ratio")
         if self.max_steps is not None and self.max_steps <= 0:
             raise InputError(f"max_steps must be positive, got {self.max_steps}", param="max_steps")
-        for name in ("save_every", "eval_every"):
+        for name in ("save_every", "eval_every", "keep_checkpoints"):
             if (getattr(self, name) or 0) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", param=name)
         if self.overlong not in ("truncate", "refuse"):
@@ -103,7 +104,8 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class TrainingProgress:
-    """What the progress callback sees after every optimizer step."""
+    """What the progress callback sees after every optimizer step; `val_loss` is set on the steps that evaluated
+    (every `eval_every` steps, or at each epoch's end when it is 0), so the callback sees every validation loss."""
 
     step: int
     total_steps: int
@@ -168,7 +170,8 @@ def _lora_model(base_model, cfg: TrainingConfig):
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(base_model, lora)
+    with quiet_peft_model_init():
+        model = get_peft_model(base_model, lora)
     model.peft_config["default"].base_model_name_or_path = cfg.base
     return model
 
@@ -219,19 +222,21 @@ class LoraTrainer:
     """One training run: `run()` is the loop, `close()` strips the LoRA layers off the base."""
 
     def __init__(self, cfg: TrainingConfig, progress: ProgressCallback | None, base_model,
-                 should_stop: Callable[[], bool] | None = None):
-        from transformers import AutoTokenizer
-
+                 should_stop: Callable[[], bool] | None = None, checkpoint_on_stop: bool = False):
+        from adapters.checkpoint import read_config
         from adapters.data import DataConfig, batches_per_epoch, tokenize_jsonl
+        from adapters.tokenizer import load_tokenizer
 
         cfg.validate()
         self.cfg = cfg
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
+        self.checkpoint_on_stop = checkpoint_on_stop
         self.out = Path(cfg.out)
         model_dir = resolve_model_dir(cfg.base)
+        read_config(model_dir)  # a directory that is not a base model (an adapter, say) is refused in one line
         check_target_modules(model_dir, cfg.targets)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         data_cfg = DataConfig(max_seq_len=cfg.max_seq_len, overlong=cfg.overlong)
         self.train_set = tokenize_jsonl(cfg.data, self.tokenizer, data_cfg, cache_dir=cfg.cache_dir)
         self.val_set = None
@@ -245,7 +250,10 @@ class LoraTrainer:
         self.model = _lora_model(base, cfg)
         causal_lm = self.model.get_base_model()
         if cfg.gradient_checkpointing:
-            causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(causal_lm, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+                causal_lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             causal_lm.enable_input_require_grads()
         self.backbone = causal_lm.base_model
         self.loss_fn = CausalLMLoss(causal_lm.get_output_embeddings(), cfg.loss_chunk_tokens,
@@ -298,15 +306,17 @@ class LoraTrainer:
                 if self.val_set is not None and not cfg.eval_every:
                     epoch_val = val_loss = self.evaluate()
             checkpoint = self._checkpoint_dir()
-            report = self._report(loss, step_val, checkpoint, clock)
+            report = self._report(loss, step_val if step_val is not None else epoch_val, checkpoint, clock)
             metrics.write(report)
-            if epoch_val is not None:
-                metrics.write_eval(self.step, self.epoch, epoch_val)
             if checkpoint is not None:
                 self._save_checkpoint(checkpoint, metrics.path)
             if self.progress is not None and self.progress(report):
                 stopped = True
                 break
+        if stopped and self.checkpoint_on_stop and self.step > 0:
+            target = self.out / "checkpoints" / f"step-{self.step:06d}"
+            if not (self.checkpoints and self.checkpoints[-1] == target):
+                self._save_checkpoint(target, metrics.path)
         if not stopped and self.val_set is not None and val_loss is None:
             val_loss = self.evaluate()
         adapter_dir = None if stopped else self._save_adapter()
@@ -405,6 +415,20 @@ class LoraTrainer:
             torch.save(self._state(), tmp / STATE_FILE)
             shutil.copyfile(metrics, tmp / METRICS_NAME)
         self.checkpoints.append(target)
+        self._prune_checkpoints(target.parent)
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        """Delete all but the newest `keep_checkpoints` checkpoints under `root` (this run's and any it resumed).
+
+        Step directory names sort by step (`step-NNNNNN`); the one being resumed from counts like any other.
+        """
+        keep = self.cfg.keep_checkpoints
+        if not keep:
+            return
+        found = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in found[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.checkpoints = [p for p in self.checkpoints if p.exists()]
 
     def _state(self) -> dict:
         return {
@@ -461,7 +485,7 @@ class _Clock:
 
 
 class _MetricsLog:
-    """metrics.jsonl, one JSON object per optimizer step (and per evaluation).
+    """metrics.jsonl, one JSON object per optimizer step (`val_loss` set on the steps that evaluated).
 
     A resumed run starts from the checkpoint's copy of the log, or, for a checkpoint without one,
     from the log already in `out`; either way only the lines up to the checkpoint's step are kept.
@@ -486,13 +510,10 @@ class _MetricsLog:
             record["checkpoint"] = p.checkpoint.name
         self._append(record)
 
-    def write_eval(self, step: int, epoch: int, val_loss: float) -> None:
-        self._append({"step": step, "epoch": epoch, "val_loss": val_loss})
-
 
 def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_model=None,
           should_stop: Callable[[], bool] | None = None,
-          on_start: Callable[[TrainingConfig], None] | None = None) -> TrainingResult:
+          on_start: Callable[[TrainingConfig], None] | None = None, checkpoint_on_stop: bool = False) -> TrainingResult:
     """Train a LoRA adapter on `cfg.data` and write it to `cfg.out` in PEFT's layout.
 
     `base_model`: an already loaded model to reuse (a worker's cache); it is returned to its
@@ -500,8 +521,10 @@ def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_mo
     micro-batches, so a long optimizer step (many accumulated micro-batches) stops within one
     micro-batch; the unfinished step is dropped, as when `progress` asks to stop. `on_start(cfg)`:
     told the configuration actually trained with ("auto" values chosen) before the first step.
+    `checkpoint_on_stop`: a run stopped early saves a checkpoint of its last finished step (what
+    `loramill train` does on Ctrl-C, so it can be resumed); a cancelled job does not.
     """
-    trainer = LoraTrainer(cfg, progress, base_model, should_stop)
+    trainer = LoraTrainer(cfg, progress, base_model, should_stop, checkpoint_on_stop)
     try:
         if on_start is not None:
             on_start(trainer.cfg)

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from adapters.errors import InputError
-from adapters.fsutil import atomic_directory, leftovers
+from adapters.fsutil import atomic_directory, leftovers, temporary_file
 from jobs.errors import StorageFull, StorageUnavailable
 
 
@@ -150,7 +150,7 @@ class LocalArtifactStore:
         target = self.local_path(key)
         with storage_errors():
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+            fd, tmp = temporary_file(target)
         digest, size = hashlib.sha256(), 0
         try:
             with storage_errors(), os.fdopen(fd, "wb") as out:

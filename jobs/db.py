@@ -55,6 +55,22 @@ def database(url: str) -> Database:
         return _databases[url]
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def forget(url: str) -> None:
+    """Close the process's connections to `url` and drop its cached `Database` (before its file is removed)."""
+    with _lock:
+        db = _databases.pop(normalize_url(url), None)
+    if db is not None:
+        db.engine.dispose()
+
+
 def _open(url: str) -> Database:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":

@@ -193,3 +193,11 @@ class IdempotencyKeyRow(Base):
     status: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class EngineDrainRow(Base):
+    """An engine (by URL) that API processes send no new requests to (`loramill engines drain`)."""
+
+    __tablename__ = "engine_drains"
+    url: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    drained_at: Mapped[int] = mapped_column(BigInteger)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from serving.config import EngineConfig
@@ -17,13 +17,24 @@ from serving.config import EngineConfig
 _ENGINE = EngineConfig()
 
 
+def default_data_dir() -> Path:
+    """The per-user data directory (`~/.local/share/loramill` on Linux, as platformdirs says for each OS):
+    the same for every command wherever it runs, so `tenant create` finds the database `serve` uses."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("loramill", appauthor=False))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAMILL_", extra="ignore")
 
-    data_dir: Path = Field(Path(".loramill"), description="All embedded state lives here.")
+    data_dir: Path = Field(default_factory=default_data_dir,
+                           description="All embedded state lives here; default: the per-user data directory.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
-    broker_url: str | None = Field(None, description="Celery broker, e.g. redis://127.0.0.1:6379/0; unset = embedded.")
-    result_backend: str | None = Field(None, description="Celery result backend; default: the broker.")
+    broker_url: str | None = Field(None, description="Celery broker: redis://host:6379/0 or amqp://user:pass@host:5672/vhost; "
+                                                     "unset = embedded.")
+    result_backend: str | None = Field(None, description="Celery result backend (job state lives in the store); default: a "
+                                                         "Redis broker, else none.")
     artifacts_dir: Path | None = Field(None, description="Artifact store root; default data_dir/artifacts.")
     dataset_cache_dir: Path | None = Field(None, description="Tokenized datasets, by content hash; default data_dir/cache/datasets.")
     admin_key: str | None = Field(None, description="Key that may register base models over HTTP.")
@@ -44,7 +55,15 @@ class Settings(BaseSettings):
     max_stored_bytes: int = Field(50 * 1024**3, ge=0, description="Bytes of files, adapters and merges a tenant may store.")
     idempotency_ttl_s: int = Field(24 * 3600, gt=0, description="How long an Idempotency-Key's first answer is kept.")
     # Inference (the control plane's side; the engines' own knobs are LORAMILL_ENGINE_*).
-    engine_urls: dict[str, str] = Field(default_factory=dict, description='Engine per base model, JSON: {"base": "http://host:port"}.')
+    engine_urls: dict[str, list[str]] = Field(default_factory=dict, description=(
+        'Engines per base model, JSON: {"base": ["http://host:port", ...]} (or one URL as a string).'))
+    engine_probe_interval_s: float = Field(2.0, ge=0, description="How often each API process asks engines' /health "
+                                                                  "and re-reads the drained ones; 0: never.")
+    engine_load_factor: float = Field(1.25, ge=1, description="An adapter's requests spill to its next engine past "
+                                                               "this factor times the mean in-flight count.")
+    engine_min_load: int = Field(8, ge=1, description="In-flight requests (from one API process) an engine always "
+                                                      "takes before its adapters spill to the next engine.")
+    api_workers: int = Field(1, ge=1, description="API processes `loramill serve` runs on its port (uvicorn workers).")
     embedded_engines: bool = Field(True, description="Start an engine per base model on first use when none is configured.")
     engine_start_timeout_s: float = Field(300.0, gt=0, description="How long an embedded engine may take to load its model.")
     engine_timeout_s: float = Field(600.0, gt=0, description="Longest wait for an engine's next bytes.")
@@ -52,6 +71,10 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(16, ge=0, description="Generations a tenant may run at once, per API process.")
     host: str = "127.0.0.1"
     port: int = 8000
+    # Client commands (`loramill jobs ...`): which server, and the tenant's key.
+    api_url: str | None = Field(None, description="The API client commands talk to; default: http://HOST:PORT.")
+    api_key: str | None = Field(None, description="A tenant's API key for client commands.")
+    keep_checkpoints: int = Field(3, ge=0, description="Training checkpoints kept per run, the newest; 0: keep all.")
     # `loramill engine` (serving.config.EngineConfig holds the defaults and their meaning)
     engine_port: int = Field(8100, description="Port of `loramill engine` when --port is not given.")
     engine_max_loras: int = Field(_ENGINE.max_loras, description="Adapter slots on the device.")
@@ -66,6 +89,27 @@ class Settings(BaseSettings):
     engine_dtype: str = Field(_ENGINE.dtype, description="auto | float32 | bfloat16 | float16.")
     engine_device: str | None = Field(_ENGINE.device, description="cuda, cuda:1, cpu; default: cuda if present.")
     engine_threads: int | None = Field(_ENGINE.threads, description="Torch CPU threads; default: torch's.")
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _one_url_or_a_list(cls, value):
+        """`{"base": "http://a"}` still works: one URL is a list of one. Each list non-empty, no URL twice."""
+        if isinstance(value, dict):
+            value = {base: [urls] if isinstance(urls, str) else urls for base, urls in value.items()}
+            for base, urls in value.items():
+                if isinstance(urls, list) and (not urls or len({str(u).rstrip("/") for u in urls}) != len(urls)):
+                    raise ValueError(f"engine_urls[{base!r}] must list one or more distinct URLs")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        """Resolved once, so a process that changes directory (or a child it starts) keeps the same data."""
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_api_url(self) -> str:
+        return (self.api_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def resolved_database_url(self) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import InputError
-from adapters.peft_format import read_adapter
+from adapters.peft_format import quiet_peft_model_init, read_adapter
 from merge.methods import MergeMethod
 
 RTOL = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -93,7 +93,8 @@ def _reference(base_dir: Path, adapters):
         raise InputError("--verify has no unmerged reference for modules_to_save with several adapters or a weight other than 1")
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     names = [f"a{i}" for i in range(len(adapters))]
-    model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=names[0])
+    with quiet_peft_model_init():
+        model = PeftModel.from_pretrained(model, str(adapters[0].path), adapter_name=names[0])
     for name, ref in zip(names[1:], adapters[1:], strict=True):
         model.load_adapter(str(ref.path), adapter_name=name)
     for module in model.modules():
@@ -131,7 +132,8 @@ def _compare(base_dir: Path, adapters, out_dir: Path, method: MergeMethod) -> Ve
     reference, infos = _reference(base_dir, adapters)
     if method.writes_adapter:
         base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(out_dir)).eval()
+        with quiet_peft_model_init():
+            merged = PeftModel.from_pretrained(base, str(out_dir)).eval()
     else:
         merged = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype="auto").eval()
     exact = method.exact_for([info.max_rank for info in infos])

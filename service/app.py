@@ -5,7 +5,8 @@ job store to the newest schema, opens the artifact store and the broker connecti
 one router per resource. Every route declares its request and response schemas and its errors
 (`service.schemas`, `service.responses`); `/openapi.json` documents them, with the bearer key the
 `/v1/` routes need. While it serves, a reconciler thread requeues stranded jobs
-(`jobs.reconciler`; every API replica runs one, and they agree through the store).
+(`jobs.reconciler`; every API replica runs one, and they agree through the store), and a probe task
+watches the inference engines (`service.engines`).
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ from fastapi.openapi.utils import get_openapi
 
 from jobs.artifacts import LocalArtifactStore
 from jobs.db import database, migrate
+from jobs.engine_drains import drained
 from jobs.queue import JobQueue
 from jobs.reconciler import Reconciler
 from loramill.settings import Settings, get_settings
 from service.deps import Services
-from service.embedded import EmbeddedEngines, child_env
+from service.embedded import EmbeddedEngines, child_env, worker_ready_probe
 from service.engines import Engines, Generations
 from service.errors import install_handlers
 from service.gate import Gate, authenticated
 from service.idempotency import Idempotency
 from service.metrics import TimingMiddleware, metrics_registry
-from service.routers import adapters, files, fine_tuning, health, inference, merges, models
+from service.routers import adapters, console, files, fine_tuning, health, inference, merges, models
 from service.tenant_cache import TenantCache
 
 
@@ -40,8 +42,16 @@ def build_services(settings: Settings) -> Services:
     artifacts.empty_trash()  # what deletions interrupted by a crash left aside
     embedded = EmbeddedEngines(settings.data_dir, child_env(settings.data_dir),
                                start_timeout_s=settings.engine_start_timeout_s) if settings.embedded_engines else None
-    engines = Engines(settings.engine_urls, embedded, timeout_s=settings.engine_timeout_s)
-    return Services(settings=settings, db=database(url), artifacts=artifacts, queue=JobQueue(settings),
+    db = database(url)
+
+    def read_drained() -> set[str]:
+        with db.sessions() as session:
+            return drained(session)
+
+    engines = Engines(settings.engine_urls, embedded, timeout_s=settings.engine_timeout_s,
+                      probe_interval_s=settings.engine_probe_interval_s, load_factor=settings.engine_load_factor,
+                      min_load=settings.engine_min_load, drained=read_drained)
+    return Services(settings=settings, db=db, artifacts=artifacts, queue=JobQueue(settings),
                     tenants=TenantCache(settings.tenant_cache_ttl_s), engines=engines,
                     generations=Generations(settings.max_concurrent_generations))
 
@@ -65,6 +75,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     reconciler = reconciler_for(services)
     if services.settings.reconcile_interval_s > 0:
         reconciler.start()
+    services.engines.start()
     gc.collect()
     gc.freeze()
     try:
@@ -101,6 +112,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Gate, services=app.state.services)
     app.add_middleware(TimingMiddleware, histogram=http)
     install_handlers(app)
-    for module in (files, fine_tuning, adapters, merges, models, inference, health):
+    for module in (files, fine_tuning, adapters, merges, models, inference, health, console):
         app.include_router(module.router)
+    return app
+
+
+def create_served_app() -> FastAPI:
+    """One process of `loramill serve --workers N` (uvicorn's app factory): the app from this process's
+    settings; with the embedded worker (no broker), `/readyz` checks it through its ready file."""
+    settings = get_settings()
+    app = create_app(settings)
+    if not settings.broker_url:
+        app.state.services.probes["worker"] = worker_ready_probe(settings.data_dir)
     return app

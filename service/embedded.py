@@ -24,10 +24,17 @@ import time
 from pathlib import Path
 
 from adapters.errors import InputError
+from adapters.fsutil import atomic_write_bytes
 from jobs.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 READY_FILE = "embedded-worker.ready"
+WORKER_LOG = "worker.log"  # the embedded worker's output, in the data directory
+
+
+def engine_log_name(base: str) -> str:
+    """The embedded engine for base model `base` logs here, in the data directory."""
+    return f"engine-{base}.log"
 BACKOFF_S = (1, 2, 5, 10, 30)  # waits before restarts that follow one another
 STABLE_AFTER_S = 60  # a worker that lived this long resets the back-off
 
@@ -54,6 +61,7 @@ class EmbeddedWorker:
     def __init__(self, data_dir: Path, reconciler: Reconciler, env: dict[str, str]):
         self.data_dir, self.reconciler, self.env = data_dir.resolve(), reconciler, env
         self.ready_file = self.data_dir / READY_FILE
+        self.log_file = self.data_dir / WORKER_LOG
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._stopping = threading.Event()
@@ -66,10 +74,11 @@ class EmbeddedWorker:
 
     def _spawn(self) -> None:
         self.ready_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(child_command("worker", "--queues", "train,merge", "--pool", "solo",
-                                                      "--concurrency", "1", "--ready-file", str(self.ready_file)),
-                                        env=self.env)
-        log.warning("embedded worker pid %d on %s", self.process.pid, self.data_dir / "broker")
+        with open(self.log_file, "ab") as output:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(child_command("worker", "--queues", "train,merge", "--pool", "solo",
+                                                          "--concurrency", "1", "--ready-file", str(self.ready_file)),
+                                            env=self.env, stdout=output, stderr=subprocess.STDOUT)
+        log.warning("embedded worker pid %d on %s, logging to %s", self.process.pid, self.data_dir / "broker", self.log_file)
 
     def _supervise(self) -> None:
         failures = 0
@@ -112,16 +121,48 @@ class EmbeddedWorker:
             self._thread.join(timeout=5)
 
 
+def worker_ready_probe(data_dir: Path):
+    """`/readyz`'s worker check in an API process that did not start the embedded worker (`serve --workers N`):
+    ready while the pid in its ready file lives."""
+    ready_file = data_dir.resolve() / READY_FILE
+
+    def probe() -> None:
+        try:
+            pid = int(ready_file.read_text().strip())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            raise RuntimeError("the embedded worker is not running or starting") from None
+
+    return probe
+
+
 def child_env(data_dir: Path) -> dict[str, str]:
     return {**os.environ, "LORAMILL_DATA_DIR": str(data_dir.resolve())}
+
+
+def _answering(url_file: Path) -> str | None:
+    """The URL in `url_file` when an engine there answers `/health` (another API process started it)."""
+    import httpx
+
+    try:
+        url = url_file.read_text().strip()
+        return url if httpx.get(f"{url}/health", timeout=2).status_code == 200 else None
+    except (OSError, httpx.HTTPError):
+        return None
 
 
 class EmbeddedEngines:
     """Engine processes this API starts itself, one per base model, on first use (`loramill engine`).
 
     The embedded default for serving: no engine to start and nothing to configure. Each engine
-    listens on a free loopback port, logs to `<data_dir>/engine-<base>.log`, dies with this process,
-    and is started again on the next request for its base if it died. It stays up while the API runs.
+    listens on a free loopback port, logs to `<data_dir>/engine-<base>.log`, dies with the process
+    that started it, and is started again on the next request for its base if it died. It stays up
+    while the API runs.
+
+    **One per base for all API processes on the data dir** (`loramill serve --workers N`): the
+    start is serialised by a file lock (`engine-<base>.lock`), and the engine's URL is left in
+    `engine-<base>.url`; an API process that finds there an engine answering `/health` uses it
+    instead of starting its own.
     """
 
     def __init__(self, data_dir: Path, env: dict[str, str], *, start_timeout_s: float):
@@ -135,17 +176,23 @@ class EmbeddedEngines:
         return await asyncio.to_thread(self._start, base, path)
 
     def _start(self, base: str, path: str) -> str:
-        with self._lock:
+        with self._lock, open(self.data_dir / f"engine-{base}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             running = self.processes.get(base)
             if running is not None and running[0].poll() is None:
                 return running[1]
-            log_file = open(self.data_dir / f"engine-{base}.log", "ab")  # noqa: SIM115 — the child keeps it
+            url_file = self.data_dir / f"engine-{base}.url"
+            shared = _answering(url_file)
+            if shared is not None:
+                return shared
+            log_file = open(self.data_dir / engine_log_name(base), "ab")  # noqa: SIM115 — the child keeps it
             process = subprocess.Popen(child_command("engine", "--base", path, "--served-model-name", base,
                                                      "--host", "127.0.0.1", "--port", "0"),
                                        env=self.env, stdout=subprocess.PIPE, stderr=log_file, text=True)
             log_file.close()
             url = self._wait_ready(process, base)
             self.processes[base] = (process, url)
+            atomic_write_bytes(url_file, url.encode())
             return url
 
     def _wait_ready(self, process: subprocess.Popen, base: str) -> str:
@@ -166,7 +213,7 @@ class EmbeddedEngines:
             time.sleep(0.05)
         if not found:
             process.kill()
-            raise Unavailable(f"The inference engine for {base!r} did not start; see engine-{base}.log in the data "
+            raise Unavailable(f"The inference engine for {base!r} did not start; see {engine_log_name(base)} in the data "
                               "directory", code="engine_unavailable")
         log.warning("embedded engine for %s: pid %d on %s", base, process.pid, found[0])
         return found[0]

@@ -66,3 +66,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 def bounded_protocol(max_head_bytes: int) -> type[BoundedHttpToolsProtocol]:
     """The protocol class for `uvicorn.run(..., http=...)` with this limit."""
     return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"max_head_bytes": max_head_bytes})
+
+
+class SettingsBoundedProtocol(BoundedHttpToolsProtocol):
+    """The protocol `loramill serve --workers N` names to uvicorn (`service.http_protocol:SettingsBoundedProtocol`):
+    each worker process imports it by name, and the limit is its `LORAMILL_MAX_HEADER_BYTES`."""
+
+    def __init__(self, *args, **kwargs):
+        from loramill.settings import get_settings
+
+        self.max_head_bytes = get_settings().max_header_bytes
+        super().__init__(*args, **kwargs)

@@ -1,19 +1,23 @@
-"""Prometheus metrics: HTTP latencies (observed in-process) and job state read from the job store
-at scrape time, so every API replica reports the same numbers whatever process ran the job.
+"""Prometheus metrics: HTTP latencies (observed in-process, summed over a serve's processes) and job
+state read from the job store at scrape time, so every API replica reports the same numbers
+whatever process ran the job.
 
 - `loramill_http_request_duration_seconds{method,route,status}` histogram
 - `loramill_jobs{kind,status}` gauge: fine-tuning jobs and merges by status
 - `loramill_queue_depth{queue}` gauge: messages waiting in the broker
 - `loramill_job_duration_seconds{kind,status}` histogram of finished jobs' run time (start → finish)
+- `loramill_engine_up{base,url}`, `loramill_engine_drained{base,url}`: the inference engines as routing sees them
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy import case, func, select
 
 from jobs.lifecycle import KINDS
@@ -51,6 +55,25 @@ class JobCollector:
         yield from (jobs, durations, depth)
 
 
+class EngineCollector:
+    """Each inference engine as the answering API process sees it: up (connections and `/health`
+    succeed) and drained (`loramill engines drain`); every process's view converges within
+    `LORAMILL_ENGINE_PROBE_INTERVAL_S`."""
+
+    def __init__(self, engines):
+        self.engines = engines
+
+    def collect(self):
+        up = GaugeMetricFamily("loramill_engine_up", "1 while the engine answers, 0 when it is routed around",
+                               labels=["base", "url"])
+        drained = GaugeMetricFamily("loramill_engine_drained", "1 while the engine is drained for a restart",
+                                    labels=["base", "url"])
+        for base, engine in self.engines.by_base():
+            up.add_metric([base, engine.url], float(engine.up))
+            drained.add_metric([base, engine.url], float(engine.url in self.engines.drained))
+        yield from (up, drained)
+
+
 def _durations(session, table):
     run = table.finished_at - table.started_at
     columns = [func.sum(case((run <= b, 1), else_=0)) for b in DURATION_BUCKETS]
@@ -62,11 +85,23 @@ def _durations(session, table):
 
 
 def metrics_registry(services) -> tuple[CollectorRegistry, Histogram]:
+    """The registry `/metrics` renders, and the HTTP latency histogram.
+
+    In one process, the in-process metrics are registered in it. Under `loramill serve --workers N`
+    (`PROMETHEUS_MULTIPROC_DIR` set by serve for its processes, prometheus-client's multiprocess
+    mode), every process writes its counts to files there, and the registry sums all the
+    processes' files at scrape time: whichever process answers `/metrics` reports the whole serve.
+    """
     registry = CollectorRegistry()
     registry.register(JobCollector(services))
-    registry.register(CORRUPTIONS)
+    registry.register(EngineCollector(services.engines))
+    multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    if multiprocess:
+        MultiProcessCollector(registry)
+    else:
+        registry.register(CORRUPTIONS)
     http = Histogram("loramill_http_request_duration_seconds", "HTTP request latency",
-                     ["method", "route", "status"], registry=registry,
+                     ["method", "route", "status"], registry=None if multiprocess else registry,
                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
     return registry, http
 

@@ -64,7 +64,8 @@ def adapter_model_object(row: AdapterRow) -> dict[str, Any]:
 def adapter_object(row: AdapterRow) -> dict[str, Any]:
     return {"id": row.id, "object": "adapter", "name": row.name, "base_model": row.base_model, "rank": row.rank,
             "target_modules": row.target_modules, "bytes": row.bytes, "created_at": row.created_at,
-            "fine_tuning_job_id": row.job_id, "fine_tuned_model": row.fine_tuned_model}
+            "fine_tuning_job_id": row.job_id, "fine_tuned_model": row.fine_tuned_model,
+            "files": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in row.files or []]}
 
 
 def merge_object(row: MergeRow) -> dict[str, Any]:

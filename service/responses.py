@@ -203,7 +203,13 @@ class CheckpointList(Page[Checkpoint]):
     pass
 
 
-# -- adapters
+# -- stored artifacts, adapters
+
+
+class ArtifactFile(Response):
+    name: str
+    bytes: int
+    sha256: str
 
 
 class Adapter(Response):
@@ -217,6 +223,7 @@ class Adapter(Response):
     created_at: int
     fine_tuning_job_id: str | None = Field(description="The job that trained it; null when uploaded")
     fine_tuned_model: str | None
+    files: list[ArtifactFile] = Field(description="Its files, each downloadable from /files/{name}")
 
 
 class AdapterList(Page[Adapter]):
@@ -232,15 +239,9 @@ class MergedAdapter(Response):
     weight: Number
 
 
-class MergeFile(Response):
-    name: str
-    bytes: int
-    sha256: str
-
-
 class MergeFiles(Response):
     object: Literal["list"] = "list"
-    data: list[MergeFile]
+    data: list[ArtifactFile]
 
 
 class Merge(Response):
@@ -259,7 +260,7 @@ class Merge(Response):
     drop_rate: Number | None
     rank: int | None
     seed: int
-    files: list[MergeFile] = Field(description="The merged checkpoint's files, once it succeeded")
+    files: list[ArtifactFile] = Field(description="The merged checkpoint's files, once it succeeded")
 
 
 class MergeList(Page[Merge]):

@@ -5,12 +5,11 @@ a query and an ORM load on every one of them, a large share of a job creation's 
 the answer cached, a known key costs a sha256 and a dict lookup, and the
 authentication dependency needs no thread-pool hop.
 
-What this means for revocation: loramill has no route or command that revokes a key or deletes
-a tenant today. A key removed from the database by hand (or by a future revocation path) keeps
-authenticating in every API process that cached it for up to `ttl_s` seconds
-(`LORAMILL_TENANT_CACHE_TTL_S`; 0 turns the cache off). Code that revokes a key in an API process
-must call `forget(digest)` there; other replicas still honour it until their entries expire.
-Unknown keys are never cached, so a newly created tenant's key works at once.
+What this means for revocation (`loramill tenant key revoke`, which writes the store): every API
+process, each uvicorn worker of a `serve --workers N` and every replica on other hosts, keeps its
+own cache and keeps honouring a revoked key it cached for at most `ttl_s` seconds
+(`LORAMILL_TENANT_CACHE_TTL_S`; 0 turns the cache off); then it looks the key up again and refuses
+it (tests/service/test_replicas.py). Unknown keys are never cached, so a new key works at once.
 """
 
 from __future__ import annotations

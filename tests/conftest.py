@@ -1,12 +1,23 @@
-"""Shared fixtures: small base models made once per test session."""
+"""Shared fixtures: small base models made once per test session; a fresh broker of each kind per test."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from adapters.basemodel import BaseModelSpec, create_base_model
+from tests.services import BROKERS, fresh_broker
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_data_dir(tmp_path_factory) -> Path:
+    """The per-user data directory (loramill's default, by platformdirs: $XDG_DATA_HOME/loramill) is the
+    session's own, so no test (or process it starts) writes into the real one."""
+    xdg = tmp_path_factory.mktemp("xdg-data")
+    os.environ["XDG_DATA_HOME"] = str(xdg)
+    return xdg / "loramill"
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +55,28 @@ def peft_adapter(tmp_path_factory, llama_base):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from adapters.peft_format import quiet_peft_model_init
+
     out = tmp_path_factory.mktemp("adapter")
     model = AutoModelForCausalLM.from_pretrained(llama_base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with quiet_peft_model_init():
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request):
+    """A broker of its own for the test, once on Redis and once on RabbitMQ: its URL."""
+    with fresh_broker(request.param) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of vLLM's CPU build, in its own environment: built on first use (minutes, cached by version
+    outside the checkout, `loramill.vllm_env`), found at once after that. Tests using it allow for the build
+    in their timeout."""
+    from loramill.vllm_env import ensure_vllm_env
+
+    return ensure_vllm_env()

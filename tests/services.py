@@ -1,8 +1,9 @@
-"""Real Redis and PostgreSQL for tests: check they answer, start them if not (a fresh CI machine).
+"""Real Redis, RabbitMQ and PostgreSQL for tests: check they answer, start them if not (a fresh CI machine).
 
 The start commands are the ones in design.md "Services on these machines". Each test session
-gets its own PostgreSQL database (`loramill_test_<random>`, dropped afterwards) and an empty
-Redis database number, so parallel runs don't collide.
+gets its own PostgreSQL database (`loramill_test_<random>`, dropped afterwards), and each test
+that uses a broker an empty Redis database number or a RabbitMQ virtual host of its own
+(`loramill-test-<random>`, deleted afterwards), so parallel runs never see each other's messages.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -20,6 +22,8 @@ import httpx
 
 REDIS = ("127.0.0.1", 6379)
 POSTGRES = ("127.0.0.1", 5432)
+RABBITMQ = ("127.0.0.1", 5672)
+BROKERS = ("redis", "rabbitmq")
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -45,6 +49,13 @@ def ensure_redis() -> None:
         subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
                         "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"], check=True)
         _wait(REDIS, "redis")
+
+
+def ensure_rabbitmq() -> None:
+    if not _answers(RABBITMQ):  # the Debian wrapper runs the node as the rabbitmq user
+        subprocess.run(["rabbitmq-server", "-detached"], check=True)
+        _wait(RABBITMQ, "rabbitmq", timeout_s=90)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True)
 
 
 def ensure_postgres() -> None:
@@ -94,6 +105,33 @@ def release_redis(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
 
 
+@contextlib.contextmanager
+def rabbitmq_vhost() -> Iterator[str]:
+    """A new virtual host that guest may use; yields its broker URL and deletes it (queues and all) at the end."""
+    ensure_rabbitmq()
+    name = f"loramill-test-{secrets.token_hex(4)}"
+    for command in (["add_vhost", name], ["set_permissions", "-p", name, "guest", ".*", ".*", ".*"]):
+        subprocess.run(["rabbitmqctl", "-q", *command], check=True, capture_output=True)
+    try:
+        yield f"amqp://guest:guest@{RABBITMQ[0]}:{RABBITMQ[1]}/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def fresh_broker(kind: str) -> Iterator[str]:
+    """A broker URL (`kind` in `BROKERS`) that no other test or run uses, emptied afterwards."""
+    if kind == "rabbitmq":
+        with rabbitmq_vhost() as url:
+            yield url
+        return
+    url = free_redis_url()
+    try:
+        yield url
+    finally:
+        release_redis(url)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,3 +158,40 @@ def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+LORAMILL = [sys.executable, "-c", "from loramill.cli import main; main()"]  # the CLI of this checkout's interpreter
+
+
+def loramill_env(data_dir, **settings: str) -> dict[str, str]:
+    """This process's environment without any LORAMILL_ setting, then the data dir and `settings` (LORAMILL_ + upper)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")}
+    env["LORAMILL_DATA_DIR"] = str(data_dir)
+    env.update({f"LORAMILL_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def loramill(env: dict[str, str], *args: str, cwd=None, timeout_s: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*LORAMILL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+
+
+@contextlib.contextmanager
+def loramill_serve(env: dict[str, str], log_path, timeout_s: float = 180):
+    """`loramill serve --port 0` (embedded worker); yields `(url, ready_line)` from the line it prints once ready."""
+    import re
+
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen([*LORAMILL, "serve", "--port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            text = open(log_path, encoding="utf-8", errors="replace").read()
+            found = re.search(r"^loramill serve: ready on (http://\S+?)/ .*$", text, re.MULTILINE)
+            if found:
+                yield found.group(1), found.group(0)
+                return
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"loramill serve did not say it was ready (exit {server.poll()}):\n{text[-3000:]}")
+            time.sleep(0.2)
+    finally:
+        stop(server)

@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy import delete, select
 
@@ -79,11 +80,31 @@ def _start(ctx: WorkerContext, lease: Lease, inputs: _Inputs) -> None:
     ctx.artifacts.prune(job_key(job.tenant_id, job.id), kept | {attempt_key(job.tenant_id, job.id, lease.attempt)})
 
 
+def prune_checkpoints(ctx: WorkerContext, job_id: str, keep: int, transaction) -> None:
+    """Keep the job's newest `keep` checkpoint rows; delete the others, and their files.
+
+    `transaction()`: the session to write in (`lease.transaction` while the job runs: fenced).
+    The core already pruned this attempt's own directory to the same count; this catches the
+    rows, and the checkpoints earlier attempts left (the one this attempt resumed from, say).
+    """
+    with transaction() as session:
+        rows = session.execute(select(CheckpointRow.id, CheckpointRow.storage_key).where(
+            CheckpointRow.job_id == job_id).order_by(CheckpointRow.step.desc())).all()
+        dropped = rows[keep:]
+        if dropped:
+            session.execute(delete(CheckpointRow).where(CheckpointRow.id.in_([r.id for r in dropped])))
+            session.commit()
+    for row in dropped:
+        ctx.artifacts.discard(row.storage_key)
+
+
 class ProgressRecorder:
     """The core's progress callback: writes metrics, checkpoints and the ETA through the lease; True = stop."""
 
-    def __init__(self, lease: Lease, attempt: str, flush_every_s: float = 1.0):
+    def __init__(self, lease: Lease, attempt: str, flush_every_s: float = 1.0,
+                 on_checkpoint: Callable[[], None] | None = None):
         self.lease, self.attempt, self.flush_every_s = lease, attempt, flush_every_s
+        self.on_checkpoint = on_checkpoint
         self.pending: list = []
         self.last_flush = 0.0
 
@@ -116,6 +137,8 @@ class ProgressRecorder:
             values["last_checkpoint"] = key
         self.lease.record([*rows, *events], **values)
         self.last_flush = time.monotonic()
+        if rows and self.on_checkpoint is not None:
+            self.on_checkpoint()
 
 
 def _train(ctx: WorkerContext, lease: Lease) -> None:
@@ -124,7 +147,9 @@ def _train(ctx: WorkerContext, lease: Lease) -> None:
     inputs = _load(ctx, lease)
     _start(ctx, lease, inputs)
     attempt = attempt_key(inputs.job.tenant_id, inputs.job.id, lease.attempt)
-    recorder = ProgressRecorder(lease, attempt)
+    keep = ctx.settings.keep_checkpoints
+    recorder = ProgressRecorder(lease, attempt, on_checkpoint=(
+        lambda: prune_checkpoints(ctx, lease.job_id, keep, lease.transaction)) if keep else None)
     result = train(training_config(ctx, inputs, attempt), progress=recorder, base_model=base_models.get(inputs.base_path),
                    should_stop=_stop_check(lease), on_start=lambda cfg: _record_chosen(lease, inputs.job, cfg))
     recorder.flush()
@@ -190,6 +215,9 @@ def _succeed(ctx: WorkerContext, lease: Lease, inputs: _Inputs, attempt: str, re
                                      lease.event("The job has successfully completed")],
                   fine_tuned_model=name, adapter_id=adapter_id, trained_tokens=result.trained_tokens,
                   result_files=[file_id], estimated_finish=None)
+    if ctx.settings.keep_checkpoints:  # the adapter's row is the newest of the `keep_checkpoints` kept
+        # after the job succeeded, so a crash before it can still resume from the checkpoints; no worker holds it now
+        prune_checkpoints(ctx, job.id, ctx.settings.keep_checkpoints, ctx.db.sessions)
 
 
 def _given(value):
@@ -214,6 +242,7 @@ def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
         epochs=_given(hp["n_epochs"]), lr=hp.get("learning_rate"), batch_size=_given(hp["batch_size"]),
         grad_accum=hp["grad_accum"], max_seq_len=hp["max_seq_len"], packing=hp["packing"], seed=job.seed,
         save_every=hp["checkpoint_every"],  # None: once per epoch, as OpenAI checkpoints
+        keep_checkpoints=ctx.settings.keep_checkpoints,
         max_rank=ctx.settings.max_rank,
         resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
         cache_dir=str(ctx.settings.resolved_dataset_cache_dir),

@@ -51,9 +51,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from loramill.cli import base, engine_cmd, inspect_cmd, merge_cmd, service_cmds, train_cmd
+    from loramill.cli import base, engine_cmd, inspect_cmd, jobs_cmd, merge_cmd, service_cmds, train_cmd
 
-    for module in (base, inspect_cmd, train_cmd, merge_cmd, service_cmds, engine_cmd):
+    for module in (base, inspect_cmd, train_cmd, merge_cmd, service_cmds, jobs_cmd, engine_cmd):
         module.register(main)
 
 

@@ -2,16 +2,19 @@
 
 make a small base → register it (admin) → upload the sample dataset → create a fine-tuning job →
 follow its events with a progress bar → merge the fine-tuned adapter into the base → download every
-file, checking each sha256 → stream a chat answer from the base and from the fine-tuned model
-through `/v1/chat/completions` → load the merged checkpoint with plain transformers and compare a
-greedy generation before and after.
+file, checking each sha256 → stream chat answers from the base and from the fine-tuned model
+through `/v1/chat/completions`, to a question in the training set and to one that is not → load
+the merged checkpoint with plain transformers and compare a greedy generation before and after →
+point at the web console.
 
 With no `--url`, it starts `loramill serve` (embedded: API + worker, no Redis, no PostgreSQL) on a
-free port over the settings' data directory, with a fresh admin key and a fresh tenant.
+free port over the settings' data directory, with a fresh admin key and a fresh tenant; on a
+terminal it keeps that server running at the end (Ctrl-C stops it) so the console can be opened.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +30,11 @@ import click
 import httpx
 
 from adapters.errors import InputError
+from loramill.cli.jobs_cmd import follow_job
 
 SAMPLE = "capitals.jsonl"  # in the package's data folder (importlib.resources)
+SEEN_QUESTION = "What is the capital of France?"  # a line of SAMPLE
+UNSEEN_QUESTION = "What is the capital of Belgium?"  # no line of SAMPLE names Belgium
 
 
 def free_port() -> int:
@@ -76,32 +82,6 @@ def poll(client: httpx.Client, path: str, timeout_s: float = 900) -> dict:
             return obj
         time.sleep(0.5)
     raise click.ClickException(f"{path} did not finish in {timeout_s:.0f}s")
-
-
-def follow_job(client: httpx.Client, job_id: str) -> dict:
-    """Poll the job's events (newest first, paged with `after`), drive a progress bar, return the finished job."""
-    from tqdm import tqdm
-
-    seen: set[str] = set()
-    bar = tqdm(total=None, desc="training", unit="step")
-    try:
-        while True:
-            job = checked(client.get(f"/v1/fine_tuning/jobs/{job_id}"))
-            events = checked(client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}))["data"]
-            for event in reversed([e for e in events if e["id"] not in seen]):
-                seen.add(event["id"])
-                if event["type"] == "metrics":
-                    bar.total = event["data"]["total_steps"]
-                    bar.n = event["data"]["step"]
-                    bar.set_postfix(loss=f"{event['data']['train_loss']:.3f}")
-                    bar.refresh()
-                else:
-                    bar.write(f"  {event['message']}")
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.5)
-    finally:
-        bar.close()
 
 
 def download_merge(client: httpx.Client, merge_id: str, out: Path) -> Path:
@@ -155,7 +135,8 @@ def stream_chat(client: httpx.Client, model: str, prompt: str) -> str:
     return "".join(text)
 
 
-def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
+def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out: str | None,
+             keep_serving: bool | None = None) -> None:
     from transformers.utils import logging as hf_logging
 
     from adapters.basemodel import BaseModelSpec, create_base_model
@@ -181,9 +162,19 @@ def run_demo(*, url: str | None, api_key: str | None, admin_key: str | None, out
         url = f"http://127.0.0.1:{port}"
     elif not (api_key and admin_key):
         raise InputError("--url needs --api-key (a tenant's key) and --admin-key", param="url")
+    if keep_serving is None:
+        keep_serving = sys.stdin.isatty() and sys.stdout.isatty()
     try:
         wait_ready(url, server)
         _flow(url, api_key, admin_key, out_dir, run, create_base_model, BaseModelSpec)
+        click.echo(f"8. the web console: {url}/ (sign in with this tenant's API key: {api_key})")
+        if server is not None and keep_serving:
+            click.echo("   the server keeps running for it; Ctrl-C stops it")
+            with contextlib.suppress(KeyboardInterrupt):
+                server.wait()
+        elif server is not None:
+            click.echo(f"   this demo's server has stopped; `loramill serve` serves the same data at "
+                       f"http://{settings.host}:{settings.port}/")
     finally:
         if server is not None:
             server.terminate()
@@ -207,7 +198,7 @@ def _flow(url, api_key, admin_key, out_dir: Path, run: str, create_base_model, B
         job = checked(client.post("/v1/fine_tuning/jobs", json={  # every hyperparameter "auto"
             "model": base_name, "training_file": upload["id"], "suffix": "capitals", "seed": 0}))
         click.echo(f"3. created fine-tuning job {job['id']} ({job['status']})")
-        job = follow_job(client, job["id"])
+        job = follow_job(client, job["id"])  # the progress line `loramill jobs follow` draws
         if job["status"] != "succeeded":
             raise click.ClickException(f"job {job['id']} {job['status']}: {json.dumps(job['error'])}")
         click.echo(f"4. job succeeded: {job['fine_tuned_model']} ({job['trained_tokens']} tokens)")
@@ -218,13 +209,16 @@ def _flow(url, api_key, admin_key, out_dir: Path, run: str, create_base_model, B
             raise click.ClickException(f"merge {merge['id']} {merge['status']}: {json.dumps(merge['error'])}")
         click.echo(f"5. merge {merge['id']} succeeded; downloading")
         merged = download_merge(client, merge["id"], out_dir / "merged" / merge["id"])
-        prompt = "What is the capital of France?"
-        click.echo(f"6. {prompt!r} streamed from /v1/chat/completions:")
-        click.echo("   before (the base model): ", nl=False)
-        stream_chat(client, base_name, prompt)
-        click.echo("   after (the fine-tuned model): ", nl=False)
-        stream_chat(client, job["fine_tuned_model"], prompt)
-    click.echo("7. the same question to the downloaded merged checkpoint, with plain transformers:")
+        prompt = SEEN_QUESTION
+        click.echo("6. answers streamed from /v1/chat/completions, before (the base model) and after (the fine-tuned one):")
+        for question, which in ((SEEN_QUESTION, "in the training set"),
+                                (UNSEEN_QUESTION, "not in the training set: what the model learned beyond its lines")):
+            click.echo(f"   {question!r} ({which})")
+            click.echo("     before (the base model): ", nl=False)
+            stream_chat(client, base_name, question)
+            click.echo("     after (the fine-tuned model): ", nl=False)
+            stream_chat(client, job["fine_tuned_model"], question)
+    click.echo(f"7. {prompt!r} to the downloaded merged checkpoint, with plain transformers:")
     click.echo(f"   before: {generate(base_dir, prompt)!r}")
     click.echo(f"   after:  {generate(merged, prompt)!r}")
     click.echo(f"merged checkpoint: {merged}")

@@ -18,6 +18,15 @@ _KNOBS = ("max_loras", "max_cpu_loras", "max_lora_rank", "max_num_seqs", "max_nu
 
 def register(main: click.Group) -> None:
     main.add_command(engine)
+    main.add_command(vllm_env)
+
+
+@click.command("vllm-env")
+def vllm_env() -> None:
+    """Build vLLM's CPU build in its own environment (once, cached by version); print its Python."""
+    from loramill.vllm_env import ensure_vllm_env
+
+    click.echo(ensure_vllm_env(log=lambda line: click.echo(line, err=True)))
 
 
 def _lora_module(text: str) -> tuple[str, str]:
@@ -71,16 +80,16 @@ def _serve(base_dir, served_name: str, statics: list[tuple[str, str]], config, h
 
     import torch
     import uvicorn
-    from transformers import AutoTokenizer
 
+    from adapters.tokenizer import load_tokenizer
     from serving.engine import AsyncEngine, Engine
     from serving.models import load_model
     from serving.server import create_app
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer(base_dir)  # before the model: a directory without one is refused at once
     model = load_model(base_dir, config)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
     core = Engine(model, tokenizer, config, base_dir)
     async_engine = AsyncEngine(core, served_name)
     app = create_app(async_engine, max_model_len=model.max_model_len)

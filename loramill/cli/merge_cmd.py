@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -122,14 +123,31 @@ def _merge(base, refs, out: Path, merge_method, dtype, max_shard_size, verify: b
         reports.append(report)
         report.raise_if_failed()
 
-    with click.progressbar(length=1, label="merging", file=click.get_text_stream("stderr")) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
+    with _LazyBar("merging") as progress:  # drawn from the first tensor written: an input error prints no bar before it
         result = merge_streaming(base, refs, out, method=merge_method, dtype=dtype, max_shard_size=max_shard_size,
                                  overwrite=overwrite, progress=progress, before_commit=check if verify else None)
     return result, reports
+
+
+class _LazyBar:
+    """A `click.progressbar` on stderr that appears at the first `progress(done, total)` call, not before."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(1, total), label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.length = max(1, total)
+        self.bar.update(done - self.bar.pos)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
 
 
 @contextmanager

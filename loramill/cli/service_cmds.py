@@ -1,4 +1,4 @@
-"""`loramill serve | worker | tenant create | model add | demo`.
+"""`loramill serve | worker | tenant create | model add | engines drain | demo`.
 
 Embedded default: with no `LORAMILL_BROKER_URL`, `serve` runs a real Celery worker process beside
 the API (`service.embedded`: restarted when it dies, killed when `serve` dies); both use kombu's
@@ -10,23 +10,36 @@ and workers are started with `loramill worker --queues train` (GPU machines) / `
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import click
 
 
 def register(main: click.Group) -> None:
-    for command in (serve, worker, tenant, model, demo):
+    for command in (serve, worker, tenant, model, engines, demo):
         main.add_command(command)
 
 
 @click.command()
 @click.option("--host", default=None, help="Default: LORAMILL_HOST (127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Default: LORAMILL_PORT (8000).")
-def serve(host: str | None, port: int | None) -> None:
-    """Run the HTTP API (and, with no broker configured, an embedded worker beside it)."""
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="API processes sharing the port (uvicorn workers). Default: LORAMILL_API_WORKERS (1).")
+def serve(host: str | None, port: int | None, workers: int | None) -> None:
+    """Run the HTTP API (and, with no broker configured, an embedded worker beside it).
+
+    With --workers N, N API processes serve the port; this process only supervises them (and runs
+    the embedded worker, once); embedded engines are shared by all of them (one per base), and
+    /metrics sums the N processes (prometheus-client's multiprocess mode).
+    """
     import uvicorn
 
     from loramill.settings import get_settings
@@ -48,14 +61,88 @@ def serve(host: str | None, port: int | None) -> None:
         embedded = EmbeddedWorker(settings.data_dir, reconciler, child_env(settings.data_dir))
         services.probes["worker"] = embedded.probe
         embedded.start()
+    workers = workers or settings.api_workers
+    metrics_dir = _multiprocess_metrics_dir(settings.data_dir) if workers > 1 else None
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit through `finally` so the worker stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    host, port = host or settings.host, settings.port if port is None else port
+    if workers > 1:  # each process builds its own app from the same settings (service.app.create_served_app)
+        server = None
+        run = partial(uvicorn.run, "service.app:create_served_app", factory=True, workers=workers, host=host, port=port,
+                      log_level="warning", http="service.http_protocol:SettingsBoundedProtocol")
+        listening = partial(_connects, host, port)
+    else:
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                               http=bounded_protocol(settings.max_header_bytes)))
+        run = server.run
+        listening = lambda: server.servers[0].sockets[0].getsockname()[:2] if server.started else None  # noqa: E731
+    threading.Thread(target=_announce_when_ready, args=(listening, server, embedded, settings), daemon=True).start()
     try:
-        uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="warning",
-                    http=bounded_protocol(settings.max_header_bytes))
+        run()
     finally:
         if embedded is not None:
             embedded.stop()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)  # PermissionError: alive, another user's
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _multiprocess_metrics_dir(data_dir: Path) -> Path:
+    """A fresh `<data_dir>/prometheus/serve-<pid>` for this serve's API processes, in PROMETHEUS_MULTIPROC_DIR
+    (their children inherit it; prometheus-client reads it when imported there). Directories left by
+    serves that died are removed: their counts belong to no running server."""
+    root = data_dir.resolve() / "prometheus"
+    for old in root.glob("serve-*"):
+        if not _alive(old.name.removeprefix("serve-")):  # else another serve on this data dir (with a broker)
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / f"serve-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+def _connects(host: str, port: int) -> tuple[str, int] | None:
+    """(host, port) once something accepts connections there (the API processes of `serve --workers N`)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return None
+    return host, port
+
+
+def _announce_when_ready(listening, server, embedded, settings, worker_wait_s: float = 120) -> None:
+    """Once the HTTP server listens (`listening()` gives its address) and the embedded worker consumes, print
+    the URL and where the logs go."""
+    from service.embedded import WORKER_LOG, engine_log_name
+
+    while (address := listening()) is None:
+        if server is not None and server.should_exit:
+            return
+        time.sleep(0.05)
+    deadline = time.monotonic() + worker_wait_s
+    while embedded is not None and time.monotonic() < deadline:
+        try:
+            embedded.probe()
+            break
+        except RuntimeError:
+            time.sleep(0.1)
+    host, port = address
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    data = settings.data_dir
+    worker = f"worker {data / WORKER_LOG}; " if embedded is not None else ""
+    engines = f"engines {data / engine_log_name('<base>')}" if settings.embedded_engines else "engines: their own"
+    click.echo(f"loramill serve: ready on {url}/ (API {url}/v1, data in {data})\n"
+               f"logs: API errors on this terminal; {worker}{engines}", err=True)
 
 
 def _write_ready_file(path: str) -> None:
@@ -83,7 +170,7 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: 
     """Run a Celery worker for the configured broker (embedded filesystem transport when none)."""
     from adapters.errors import InputError
     from jobs.db import database, migrate
-    from jobs.queue import QUEUES
+    from jobs.queue import QUEUES, worker_pool_config
     from loramill.settings import get_settings
     from workers.celery_app import app
 
@@ -97,19 +184,37 @@ def worker(queues: str, pool: str, concurrency: int, loglevel: str, ready_file: 
     url = get_settings().resolved_database_url
     migrate(url)
     database(url).engine.dispose()  # children of a prefork pool open their own connections
+    app.conf.update(worker_pool_config(pool))
     app.worker_main(["worker", "-Q", ",".join(names), "-P", pool, "-c", str(concurrency), "-l", loglevel,
                      "-n", node_name or f"loramill-{'-'.join(names)}-{os.getpid()}@%h", "--without-gossip",
                      "--without-mingle"])
 
 
+@contextmanager
 def _store():
-    """A session on the configured job store, migrated to the newest schema."""
-    from jobs.db import database, migrate
+    """A session on the configured job store, migrated to the newest schema.
+
+    A command that fails creates nothing: when it made the SQLite store (and the directories
+    holding it), they are removed again before the error is shown.
+    """
+    from adapters.fsutil import new_directories_removed_on_error
+    from jobs.db import database, forget, migrate, sqlite_path
     from loramill.settings import get_settings
 
     url = get_settings().resolved_database_url
-    migrate(url)
-    return database(url).sessions()
+    path = sqlite_path(url)
+    new_file = path is not None and not path.exists()
+    with new_directories_removed_on_error(path.parent) if new_file else nullcontext():
+        try:
+            migrate(url)
+            with database(url).sessions() as session:
+                yield session
+        except BaseException:
+            if new_file:
+                forget(url)  # close its connections before the file goes
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+            raise
 
 
 @click.group()
@@ -186,13 +291,61 @@ def model_add(name: str, path: str) -> None:
     click.echo(f"registered base model {row.name} at {row.path}")
 
 
+@click.group()
+def engines() -> None:
+    """The inference engines API processes route to (LORAMILL_ENGINE_URLS): list, drain, resume."""
+
+
+@engines.command("list")
+def engines_list() -> None:
+    """Each configured engine: base model, URL, drained or serving."""
+    from jobs.engine_drains import drained, normalize_url
+    from loramill.settings import get_settings
+
+    with _store() as session:
+        drained_urls = drained(session)
+    configured = [(base, normalize_url(url)) for base, urls in get_settings().engine_urls.items() for url in urls]
+    for base, url in configured:
+        click.echo(f"{base}  {url}  {'drained' if url in drained_urls else 'serving'}")
+    for url in sorted(drained_urls - {url for _, url in configured}):
+        click.echo(f"-  {url}  drained (not in this process's LORAMILL_ENGINE_URLS)")
+
+
+@engines.command("drain")
+@click.argument("url")
+def engines_drain(url: str) -> None:
+    """Send engine URL no new request (running ones finish), from every API process within
+    LORAMILL_ENGINE_PROBE_INTERVAL_S; its adapters are loaded on the other engines on demand."""
+    from jobs.engine_drains import drain
+
+    with _store() as session:
+        row = drain(session, url)
+    click.echo(f"drained {row.url}: no new requests after the next engine probe; `loramill engines resume` undoes it")
+
+
+@engines.command("resume")
+@click.argument("url")
+def engines_resume(url: str) -> None:
+    """Route requests to engine URL again (after `loramill engines drain`)."""
+    from adapters.errors import InputError
+    from jobs.engine_drains import resume
+
+    with _store() as session:
+        if not resume(session, url):
+            raise InputError(f"engine {url} is not drained", param="url")
+    click.echo(f"resumed {url}")
+
+
 @click.command()
 @click.option("--url", default=None, help="Use a running server (needs --api-key and --admin-key); default: start one.")
 @click.option("--api-key", default=None)
 @click.option("--admin-key", default=None)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: <data_dir>/demo.")
-def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None) -> None:
-    """Fine-tune and merge through the HTTP API end to end, then compare generations before and after."""
+@click.option("--keep-serving/--no-keep-serving", default=None,
+              help="Keep the server it started running at the end, for the web console. Default: on a terminal.")
+def demo(url: str | None, api_key: str | None, admin_key: str | None, out: str | None,
+         keep_serving: bool | None) -> None:
+    """Fine-tune and merge through the HTTP API end to end, then compare answers before and after."""
     from loramill.cli.demo import run_demo
 
-    run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out)
+    run_demo(url=url, api_key=api_key, admin_key=admin_key, out=out, keep_serving=keep_serving)

@@ -1,10 +1,24 @@
-"""`loramill train`: LoRA on a local base checkpoint, progress on the terminal."""
+"""`loramill train`: LoRA on a local base checkpoint, progress on the terminal.
+
+Ctrl-C (SIGINT) stops at the end of the micro-batch running, saves a checkpoint of the last
+finished step, prints the command that resumes from it and exits 130 (128 + SIGINT, as a shell
+reports a process that SIGINT ended); a second Ctrl-C ends the process at once.
+"""
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import signal
 import sys
+from pathlib import Path
 
 import click
+
+from adapters.errors import InputError
+from adapters.fsutil import new_directories_removed_on_error
+
+INTERRUPTED_EXIT = 128 + signal.SIGINT
 
 
 def register(main: click.Group) -> None:
@@ -43,21 +57,99 @@ def _targets(value: str) -> str | tuple[str, ...]:
 @click.option("--eval-every", type=int, default=0, show_default=True, help="Validate every N steps (0: each epoch).")
 @click.option("--resume-from", type=click.Path(file_okay=False), help="A checkpoint directory to resume from.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
-def train(**options) -> None:
-    """Train a LoRA adapter on frozen base weights; writes a PEFT adapter to --out."""
+@click.option("--overwrite", is_flag=True,
+              help="Replace a non-empty --out (its old contents are deleted once the data and base have loaded).")
+def train(overwrite: bool, **options) -> None:
+    """Train a LoRA adapter on frozen base weights; writes a PEFT adapter to --out.
+
+    Ctrl-C saves a checkpoint and prints how to resume it with --resume-from.
+    """
     from adapters.training import TrainingConfig, train as run_training
     from loramill.settings import get_settings
 
+    out = Path(options["out"])
+    _check_out(out, options["base"], overwrite=overwrite, resuming=options["resume_from"] is not None)
     options["targets"] = _targets(options["targets"])
     options["use_rslora"] = options.pop("rslora")
-    cfg = TrainingConfig(**options, cache_dir=str(get_settings().resolved_dataset_cache_dir))
+    settings = get_settings()
+    cfg = TrainingConfig(**options, keep_checkpoints=settings.keep_checkpoints,
+                         cache_dir=str(settings.resolved_dataset_cache_dir))
     reporter = _TerminalProgress() if sys.stderr.isatty() else _LineProgress()
+    interrupt = _Interrupt()
+
+    def clear_old(_cfg) -> None:  # only once the data and base loaded: a run that cannot start deletes nothing
+        if overwrite and out.is_dir() and options["resume_from"] is None:
+            shutil.rmtree(out)
+
     try:
-        result = run_training(cfg, progress=reporter)
+        with interrupt, new_directories_removed_on_error(settings.resolved_dataset_cache_dir):
+            result = run_training(cfg, progress=reporter, should_stop=interrupt.is_set, on_start=clear_old,
+                                  checkpoint_on_stop=True)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        reporter.close()
+        click.echo("interrupted again: stopped without saving", err=True)
+        sys.exit(INTERRUPTED_EXIT)
     finally:
         reporter.close()
+    if result.stopped:
+        _say_how_to_resume(result)
+        sys.exit(INTERRUPTED_EXIT)
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     click.echo(f"trained {result.steps} steps on {result.trained_tokens} tokens, final loss {result.final_loss:.4f}{val}; adapter at {result.adapter_dir}")
+
+
+def _check_out(out: Path, base: str, *, overwrite: bool, resuming: bool) -> None:
+    """Refuse an --out that would destroy something: a non-empty directory (unless --overwrite, or resuming into it),
+    or a place inside the base model's directory."""
+    base_dir = Path(base)
+    if base_dir.is_dir():
+        resolved, base_resolved = out.resolve(), base_dir.resolve()
+        if resolved == base_resolved or base_resolved in resolved.parents:
+            raise InputError(f"--out {out} is inside the base model directory {base}; choose a directory outside it",
+                             param="out")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory", param="out")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resuming):
+        raise InputError(f"--out {out} exists and is not empty (pass --overwrite to replace it, or "
+                         "--resume-from one of its checkpoints to continue)", param="out")
+
+
+class _Interrupt:
+    """Ctrl-C asks the training loop to stop (it polls `is_set` between micro-batches); a second one ends the process."""
+
+    def __init__(self):
+        self.set = False
+
+    def is_set(self) -> bool:
+        return self.set
+
+    def _handle(self, _signum, _frame) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        click.echo("\ninterrupted: saving a checkpoint of the last finished step (Ctrl-C again to quit now)", err=True)
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _say_how_to_resume(result) -> None:
+    if not result.checkpoints:
+        click.echo(f"stopped before the first step finished; nothing to resume (metrics in {result.metrics_path})",
+                   err=True)
+        return
+    checkpoint = result.checkpoints[-1]
+    argv = sys.argv[1:]
+    if "--resume-from" in argv:  # resuming a resumed run: replace the old checkpoint
+        i = argv.index("--resume-from")
+        del argv[i:i + 2]
+    argv = [a for a in argv if not a.startswith("--resume-from=")]
+    command = shlex.join(["loramill", *argv, "--resume-from", str(checkpoint)])
+    click.echo(f"stopped at step {result.steps}; checkpoint saved in {checkpoint}\nresume with:\n  {command}", err=True)
 
 
 class _LineProgress:

@@ -27,7 +27,7 @@ from jobs.store import FINISHED, base_model, get_owned, now, page
 from jobs.tables import AdapterRow, BaseModelRow, MergeRow
 from jobs.tenants import check_name
 from service.deps import ServicesDep, SessionDep, TenantDep
-from service.downloads import Stored, archive_download
+from service.downloads import Stored, archive_download, file_download
 from service.errors import APIError
 from service.idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_KEY
 from service.objects import adapter_object, listing
@@ -123,17 +123,34 @@ def retrieve_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) ->
     return adapter_object(get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id"))
 
 
+def _stored_files(services, session, adapter_id: str, tenant_id: str) -> list[Stored]:
+    row = get_owned(session, AdapterRow, adapter_id, tenant_id, "adapter", "adapter_id")
+    root = services.artifacts.local_path(row.storage_key)
+    if row.files is None:  # stored before digests were kept: recorded now, checked from now on
+        row.files = [file_digest(root / name) for name in ADAPTER_FILES]
+        session.commit()
+    return [Stored(root / f["name"], f["name"], f["bytes"], f["sha256"]) for f in row.files]
+
+
 @router.get("/{adapter_id}/archive", response_class=StreamingResponse, responses={
     **download("application/x-tar", "A tar of <adapter_id>/" + ", <adapter_id>/".join(ADAPTER_FILES) + ", each "
                "file checked"), **errors(404)})
 def download_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
     """The adapter as a tar (`<adapter_id>/adapter_config.json`, `…/adapter_model.safetensors`), each file checked."""
-    row = get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id")
-    root = services.artifacts.local_path(row.storage_key)
-    if row.files is None:  # stored before digests were kept: recorded now, checked from now on
-        row.files = [file_digest(root / name) for name in ADAPTER_FILES]
-        session.commit()
-    return archive_download([Stored(root / f["name"], f["name"], f["bytes"], f["sha256"]) for f in row.files], row.id)
+    return archive_download(_stored_files(services, session, adapter_id, tenant.id), adapter_id)
+
+
+@router.get("/{adapter_id}/files/{name}", response_class=StreamingResponse, responses={
+    **download("application/octet-stream", "The file's bytes, checked against the sha256 in X-Content-Sha256",
+               ranges=True), **errors(404, 416)})
+async def download_adapter_file(adapter_id: str, name: str, request: Request, services: ServicesDep,
+                                session: SessionDep, tenant: TenantDep) -> StreamingResponse:
+    """One of the adapter's files (as the object's `files` list them), with `X-Content-Sha256` and `Range` support."""
+    stored = await run_in_threadpool(_stored_files, services, session, adapter_id, tenant.id)
+    entry = next((f for f in stored if f.name == name), None)
+    if entry is None:  # only recorded names are served: no path ever reaches the filesystem unchecked
+        raise APIError(404, f"Adapter {adapter_id} has no file {name!r}", param="name", code="not_found")
+    return await file_download(entry, request.headers.get("range"), "application/octet-stream")
 
 
 @router.delete("/{adapter_id}", response_model=Deleted, responses=errors(404, 409, 503))

@@ -126,8 +126,13 @@ def test_validation_loss_and_base_model_left_untouched(cfg, llama_base, small_da
 
     base = load_base_model(llama_base)
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    result = train(replace(cfg, validation=str(small_data), epochs=1), base_model=base)
+    seen = []
+    result = train(replace(cfg, validation=str(small_data), epochs=1), base_model=base, progress=seen.append)
     assert result.val_loss is not None and result.val_loss > 0
+    # evaluated at the epoch's end: the progress callback (the job's events, the console's curve) sees it there
+    assert [p.val_loss for p in seen] == [None] * (len(seen) - 1) + [result.val_loss]
+    logged = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_loss"] for m in logged] == [p.val_loss for p in seen]  # one line per step, no extra eval lines
     after = base.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

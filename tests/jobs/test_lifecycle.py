@@ -1,4 +1,5 @@
-"""The shared job life cycle on real SQLite and PostgreSQL stores: claims, leases that fence writes, cancel, reconcile."""
+"""The shared job life cycle on real SQLite and PostgreSQL stores: claims, leases that fence writes, cancel, reconcile
+(on the embedded broker and on RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from sqlalchemy import select, update
 from jobs.db import database, migrate
 from jobs.errors import Conflict
 from jobs.lifecycle import FINE_TUNING, LeaseLost, claim, new_event, request_cancel
-from jobs.queue import JobQueue
+from jobs.queue import QUEUES, JobQueue
 from jobs.reconciler import Reconciler
 from jobs.tables import JobEventRow, JobRow, MergeEventRow, MergeRow, Tenant
 from loramill.settings import Settings
-from tests.services import postgres_database
+from tests.services import postgres_database, rabbitmq_vhost
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -133,17 +134,30 @@ def test_a_heartbeat_keeps_a_lease_alive_through_a_long_step(db):
     lease.record([lease.event("still mine")])
 
 
-@pytest.fixture
-def queue(tmp_path):
-    return JobQueue(Settings(data_dir=tmp_path / "data"))  # the embedded filesystem broker
+@pytest.fixture(scope="module")
+def rabbitmq_url():
+    with rabbitmq_vhost() as url:
+        yield url
+
+
+@pytest.fixture(params=["filesystem", "rabbitmq"])
+def queue(request, tmp_path):
+    """The embedded filesystem broker, or RabbitMQ's quorum queues (a virtual host for this module, emptied first)."""
+    if request.param == "filesystem":
+        return JobQueue(Settings(data_dir=tmp_path / "data"))
+    queue = JobQueue(Settings(data_dir=tmp_path / "data", broker_url=request.getfixturevalue("rabbitmq_url")))
+    drain(queue)
+    return queue
 
 
 def drain(queue) -> list[tuple[str, str]]:
     taken = []
     with queue.celery.connection_for_read() as conn:
         channel = conn.default_channel
-        for name in ("train", "merge"):
-            while (message := channel.basic_get(queue=name, no_ack=True)) is not None:
+        for name in QUEUES:
+            declared = queue.celery.amqp.queues[name].bind(channel)
+            declared.declare()
+            while (message := declared.get(no_ack=True)) is not None:
                 taken.append((message.headers["task"], message.decode()[0][0]))
     return sorted(taken)
 

@@ -61,7 +61,8 @@ def tenant_routes(ids):
         ("GET", f"/v1/files/{f}", None), ("GET", f"/v1/files/{f}/content", None), ("DELETE", f"/v1/files/{f}", None),
         ("GET", f"/v1/fine_tuning/jobs/{j}", None), ("POST", f"/v1/fine_tuning/jobs/{j}/cancel", None),
         ("GET", f"/v1/fine_tuning/jobs/{j}/events", None), ("GET", f"/v1/fine_tuning/jobs/{j}/checkpoints", None),
-        ("GET", f"/v1/adapters/{a}", None), ("GET", f"/v1/adapters/{a}/archive", None), ("DELETE", f"/v1/adapters/{a}", None),
+        ("GET", f"/v1/adapters/{a}", None), ("GET", f"/v1/adapters/{a}/archive", None),
+        ("GET", f"/v1/adapters/{a}/files/adapter_config.json", None), ("DELETE", f"/v1/adapters/{a}", None),
         ("GET", f"/v1/merges/{m}", None), ("GET", f"/v1/merges/{m}/files", None),
         ("GET", f"/v1/merges/{m}/files/config.json", None), ("GET", f"/v1/merges/{m}/archive", None),
         ("POST", f"/v1/merges/{m}/cancel", None),
@@ -90,7 +91,7 @@ ROUTES_NEEDING_A_KEY = [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v
                         ("GET", "/v1/fine_tuning/jobs/j"), ("POST", "/v1/fine_tuning/jobs/j/cancel"),
                         ("GET", "/v1/fine_tuning/jobs/j/events"), ("GET", "/v1/fine_tuning/jobs/j/checkpoints"),
                         ("GET", "/v1/adapters"), ("POST", "/v1/adapters"), ("GET", "/v1/adapters/a"),
-                        ("GET", "/v1/adapters/a/archive"), ("DELETE", "/v1/adapters/a"),
+                        ("GET", "/v1/adapters/a/archive"), ("GET", "/v1/adapters/a/files/x"), ("DELETE", "/v1/adapters/a"),
                         ("GET", "/v1/merges"), ("POST", "/v1/merges"), ("GET", "/v1/merges/m"),
                         ("GET", "/v1/merges/m/files"), ("GET", "/v1/merges/m/files/x"), ("GET", "/v1/merges/m/archive"),
                         ("POST", "/v1/merges/m/cancel"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("POST", "/v1/models")]
@@ -250,6 +251,11 @@ def test_adapter_upload_download_delete(api, peft_adapter):
         weights = tf.extractfile(f"{adapter['id']}/adapter_model.safetensors").read()
     assert names == [f"{adapter['id']}/adapter_config.json", f"{adapter['id']}/adapter_model.safetensors"]
     assert weights == (peft_adapter / "adapter_model.safetensors").read_bytes()
+    listed = {f["name"]: f for f in adapter["files"]}
+    assert listed["adapter_model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    one = api.client.get(f"/v1/adapters/{adapter['id']}/files/adapter_model.safetensors", headers=api.auth("alice"))
+    assert one.content == weights and one.headers["x-content-sha256"] == listed["adapter_model.safetensors"]["sha256"]
+    assert_openai_error(api.client.get(f"/v1/adapters/{adapter['id']}/files/..%2Fx", headers=api.auth("alice")), 404)
     assert api.client.delete(f"/v1/adapters/{adapter['id']}", headers=api.auth("alice")).json()["deleted"] is True
     assert stored_files(api) == []
 

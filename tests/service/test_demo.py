@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -22,3 +23,10 @@ def test_demo_trains_merges_downloads_and_shows_the_learned_behaviour(tmp_path):
     streamed = next(line for line in out.splitlines() if line.strip().startswith("after (the fine-tuned model):"))
     assert "The capital of" in streamed  # the same answer, streamed from /v1/chat/completions
     assert (tmp_path / "data" / "demo-server.log").exists()
+    # a question from the training set beside one that is not, each said to be which
+    seen = out.index("'What is the capital of France?' (in the training set)")
+    unseen = out.index("'What is the capital of Belgium?' (not in the training set")
+    assert seen < unseen < out.index("7. ")
+    assert out.count("after (the fine-tuned model):") == 2
+    # it ends at the web console's URL (the server it started has stopped: not a terminal)
+    assert re.search(r"^8\. the web console: http://127\.0\.0\.1:\d+/ ", out, re.MULTILINE)

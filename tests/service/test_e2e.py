@@ -1,7 +1,8 @@
 """End to end through the official `openai` SDK against real processes.
 
-- `redis`: PostgreSQL (a fresh database), Redis (an empty db number), a real `celery worker`
-  subprocess and the API under uvicorn in a subprocess.
+- `redis`, `rabbitmq`: PostgreSQL (a fresh database), the broker (an empty Redis db number, or a
+  RabbitMQ virtual host of the test's own, with quorum queues), a real `celery worker` subprocess
+  and the API under uvicorn in a subprocess.
 - `embedded`: `loramill serve` alone: SQLite, the filesystem broker and its own worker; no Redis.
 
 Each: upload a file, create a job, see it succeed, page its events, list its checkpoints; merge
@@ -22,7 +23,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import chat_lines
-from tests.services import free_port, free_redis_url, postgres_database, release_redis, stop, wait_http
+from tests.services import fresh_broker, free_port, postgres_database, stop, wait_http
 
 pytestmark = pytest.mark.slow
 ADMIN = "e2e-admin-key"
@@ -37,9 +38,8 @@ def cli(env, *args) -> str:
 
 
 @contextlib.contextmanager
-def redis_stack(tmp_path):
-    with postgres_database() as db_url:
-        broker = free_redis_url()
+def broker_stack(tmp_path, kind: str):
+    with postgres_database() as db_url, fresh_broker(kind) as broker:
         env = {**os.environ, "LORAMILL_DATA_DIR": str(tmp_path / "data"), "LORAMILL_DATABASE_URL": db_url,
                "LORAMILL_BROKER_URL": broker, "LORAMILL_ADMIN_KEY": ADMIN}
         port = free_port()
@@ -55,7 +55,6 @@ def redis_stack(tmp_path):
         finally:
             stop(api)
             stop(worker)
-            release_redis(broker)
 
 
 @contextlib.contextmanager
@@ -83,12 +82,12 @@ def wait_status(get, want: tuple[str, ...], timeout_s: float):
     raise AssertionError(f"still {obj.status} after {timeout_s}s")
 
 
-@pytest.mark.parametrize("mode", ["redis", "embedded"])
+@pytest.mark.parametrize("mode", ["redis", "rabbitmq", "embedded"])
 def test_fine_tune_merge_download_cancel(mode, tmp_path, llama_base):
     from openai import OpenAI
 
-    stack = redis_stack if mode == "redis" else embedded_stack
-    with stack(tmp_path) as (env, url):
+    stack = embedded_stack(tmp_path) if mode == "embedded" else broker_stack(tmp_path, mode)
+    with stack as (env, url):
         key = cli(env, "tenant", "create", "acme")
         cli(env, "model", "add", "tiny", str(llama_base))
         client = OpenAI(api_key=key, base_url=f"{url}/v1", max_retries=0)

@@ -131,7 +131,7 @@ def test_serve_killed_mid_job_then_restarted_finishes_it_once(serve):
     assert [f["id"] for f in results] == job["result_files"]
     assert serve.metrics_steps(job_id) == list(range(1, 33))
     checkpoints = serve.http.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 100}).json()["data"]
-    assert sorted(c["step_number"] for c in checkpoints) == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert sorted(c["step_number"] for c in checkpoints) == [24, 28, 32]  # LORAMILL_KEEP_CHECKPOINTS: the newest 3
     messages = [e["message"] for e in serve.http.get(f"/v1/fine_tuning/jobs/{job_id}/events",
                                                      params={"limit": 1000}).json()["data"]]
     assert any(m.startswith("Resuming from step-") and m.endswith("(attempt 2)") for m in messages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from loramill.settings import Settings
@@ -11,8 +12,9 @@ from jobs.base_models import register_base_model
 from tests.service.conftest import chat_lines
 
 
-def test_job_creation_with_the_broker_down_answers_503_and_marks_the_job_failed(tmp_path, llama_base):
-    settings = Settings(data_dir=tmp_path / "data", broker_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+@pytest.mark.parametrize("unreachable", ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"])  # nothing listens on port 1
+def test_job_creation_with_the_broker_down_answers_503_and_marks_the_job_failed(unreachable, tmp_path, llama_base):
+    settings = Settings(data_dir=tmp_path / "data", broker_url=unreachable)
     app = create_app(settings)
     with app.state.services.db.sessions() as session:
         key = create_tenant(session, "alice")[1]

@@ -64,3 +64,27 @@ def test_chunked_upload_within_the_limit_is_stored(api):
     status, body, _ = post_chunked(api.app, api.keys["alice"], chunks=2)
     assert status == 200, body
     assert body["object"] == "file" and 2 * CHUNK - 100 < body["bytes"] <= 2 * CHUNK and body["purpose"] == "fine-tune"
+
+
+def test_upload_errors_name_the_uploaded_file_never_the_internal_file_id(api):
+    """The stored name is `<file id>.jsonl`; a refusal says the caller's file name, and nothing is stored to name."""
+    cases = {
+        "bad-json.jsonl": '{"prompt": "a", "completion": "b"\n',
+        "missing-field.jsonl": json.dumps({"prompt": "only a prompt"}) + "\n",
+        "empty.jsonl": "",
+        "bad-role.jsonl": json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n",
+    }
+    for filename, content in cases.items():
+        response = api.upload("alice", content, filename=filename)
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert message.startswith(f"{filename}: ") and message.count(filename) == 1, message
+        assert "file-" not in message and ".jsonl:" not in message.removeprefix(f"{filename}: "), message
+    assert stored_files(api) == []
+
+
+def test_stored_uploads_are_readable_by_all_like_every_other_file(api):
+    """0644, as a file copied or saved by transformers is: not the 0600 of the temporary file behind it."""
+    assert api.upload("alice", json.dumps({"prompt": "a", "completion": "b"}) + "\n").status_code == 200
+    (stored,) = stored_files(api)
+    assert stored.stat().st_mode & 0o777 == 0o644

@@ -70,6 +70,33 @@ def test_job_trains_records_progress_and_a_second_delivery_is_a_no_op(api, ctx):
     assert base_models.loads - loads <= 1
 
 
+def test_checkpoints_are_pruned_to_the_newest_k_with_the_adapter_as_the_last(make_api):
+    """LORAMILL_KEEP_CHECKPOINTS=2: while training, the newest 2 checkpoints stay; once the job succeeds, its
+    checkpoint list is the newest 2 counting the final adapter, and no pruned checkpoint's files remain."""
+    api = make_api(keep_checkpoints=2)
+    ctx = context_for(api.settings)
+    job_id = create_job(api, n_records=20, checkpoint_every=1)  # 5 steps: checkpoints at 1..4, the adapter at 5
+    kept_while_training = []
+    record = ProgressRecorder.__call__
+
+    def watch(self, p):
+        done = record(self, p)  # writes the step's checkpoint row, when it has one, before it returns
+        with ctx.db.sessions() as session:
+            kept_while_training.append(sorted(session.scalars(select(CheckpointRow.step).where(
+                CheckpointRow.job_id == job_id))))
+        return done
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ProgressRecorder, "__call__", watch)
+        assert run_training_job(ctx, job_id) == "succeeded"
+    assert kept_while_training == [[1], [1, 2], [2, 3], [3, 4], [3, 4]]
+    listed = api.client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=api.auth("alice")).json()["data"]
+    assert sorted(c["step_number"] for c in listed) == [4, 5]
+    job = job_row(ctx, job_id)
+    on_disk = ctx.artifacts.local_path(f"jobs/{job.tenant_id}/{job_id}/attempt-1/checkpoints")
+    assert sorted(p.name for p in on_disk.iterdir()) == ["step-000004"]
+
+
 def test_cancel_while_running_stops_within_seconds(api, ctx):
     job_id = create_job(api, n_records=16, n_epochs=50)  # 200 steps: far longer than the test
 
