@@ -30,9 +30,19 @@ def now() -> int:
     return int(time.time())
 
 
+def findable(key: object) -> bool:
+    """Whether `key` (an id or name from a request) could name a stored row: a string without NUL.
+
+    Nothing stored holds a NUL (ids are made here, names are checked), and PostgreSQL refuses one
+    even in a query's parameters (an error, where SQLite just finds nothing): such a key is
+    answered as unknown without asking the database, the same on both.
+    """
+    return isinstance(key, str) and "\x00" not in key
+
+
 def get_owned(session: Session, table: type[Row], id: str, tenant_id: str, kind: str, param: str = "id") -> Row:  # noqa: A002
     """The tenant's row with public id `id`; `NotFound` for unknown ids and for other tenants' ids alike."""
-    row = session.scalar(select(table).where(table.id == id, table.tenant_id == tenant_id))
+    row = session.scalar(select(table).where(table.id == id, table.tenant_id == tenant_id)) if findable(id) else None
     if row is None:
         raise NotFound.of(kind, id, param)
     return row
@@ -43,7 +53,7 @@ _BASE_MODEL_BY_NAME = select(BaseModelRow.name, BaseModelRow.path).where(BaseMod
 
 def base_model(db: Session | Connection, name: str, param: str = "model") -> ResultRow:
     """The registered base model `name` as a (name, path) row; `NotFound` (`model_not_found`) when there is none."""
-    row = db.execute(_BASE_MODEL_BY_NAME, {"name": name}).one_or_none() if isinstance(name, str) else None
+    row = db.execute(_BASE_MODEL_BY_NAME, {"name": name}).one_or_none() if findable(name) else None
     if row is None:
         raise NotFound(f"The model {name!r} does not exist (register it with `loramill model add`)", param=param,
                        code="model_not_found")
@@ -53,7 +63,7 @@ def base_model(db: Session | Connection, name: str, param: str = "model") -> Res
 def page(session: Session, query, table, *, after: str | None, limit: int, scope) -> tuple[list, bool]:
     """Newest-first page of `query` after the row with public id `after` (same scope); returns (rows, has_more)."""
     if after is not None:
-        cursor = session.scalar(select(table.seq).where(table.id == after, scope))
+        cursor = session.scalar(select(table.seq).where(table.id == after, scope)) if findable(after) else None
         if cursor is None:
             raise InputError(f"after: no such id {after!r}", param="after", code="invalid_cursor")
         query = query.where(table.seq < cursor)
@@ -89,7 +99,7 @@ def adapter_by_ref(session: Session, ref: str, tenant_id: str, param: str) -> Ad
     """An adapter named by its id or by the fine-tuned model name of the job that made it."""
     query = select(AdapterRow).where(AdapterRow.tenant_id == tenant_id)
     query = query.where(AdapterRow.fine_tuned_model == ref) if ref.startswith("ft:") else query.where(AdapterRow.id == ref)
-    row = session.scalar(query)
+    row = session.scalar(query) if findable(ref) else None
     if row is None:
         raise NotFound.of("adapter", ref, param)
     return row
@@ -111,12 +121,12 @@ def resolve_model(session: Session, tenant_id: str, name: str) -> ModelRef:
 
     Another tenant's model is `NotFound` (`model_not_found`) exactly like an unknown one.
     """
-    base = None if name.startswith("ft:") else session.get(BaseModelRow, name)
+    base = None if name.startswith("ft:") or not findable(name) else session.get(BaseModelRow, name)
     if base is not None:
         return ModelRef(name, base.name, base.path, None)
     owned = select(AdapterRow).where(AdapterRow.tenant_id == tenant_id)
     adapter = session.scalar(owned.where(AdapterRow.fine_tuned_model == name if name.startswith("ft:")
-                                         else AdapterRow.id == name))
+                                         else AdapterRow.id == name)) if findable(name) else None
     base = session.get(BaseModelRow, adapter.base_model) if adapter is not None else None
     if base is None:
         raise NotFound(f"The model {name!r} does not exist or you do not have access to it", param="model",

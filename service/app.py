@@ -2,7 +2,9 @@
 
 `uvicorn --factory service.app:create_app` builds it from the process's settings. It migrates the
 job store to the newest schema, opens the artifact store and the broker connection, and mounts
-one router per resource. While it serves, a reconciler thread requeues stranded jobs
+one router per resource. Every route declares its request and response schemas and its errors
+(`service.schemas`, `service.responses`); `/openapi.json` documents them, with the bearer key the
+`/v1/` routes need. While it serves, a reconciler thread requeues stranded jobs
 (`jobs.reconciler`; every API replica runs one, and they agree through the store), and a probe task
 watches the inference engines (`service.engines`).
 """
@@ -14,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from jobs.artifacts import LocalArtifactStore
 from jobs.db import database, migrate
@@ -25,7 +28,7 @@ from service.deps import Services
 from service.embedded import EmbeddedEngines, child_env, worker_ready_probe
 from service.engines import Engines, Generations
 from service.errors import install_handlers
-from service.gate import Gate
+from service.gate import Gate, authenticated
 from service.idempotency import Idempotency
 from service.metrics import TimingMiddleware, metrics_registry
 from service.routers import adapters, console, files, fine_tuning, health, inference, merges, models
@@ -82,9 +85,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.engines.aclose()
 
 
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's schema of the routes, with the bearer key that `service.gate` asks of the `/v1/` ones."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+            "type": "http", "scheme": "bearer",
+            "description": "A tenant's API key (`loramill tenant create`); the admin key for POST /v1/models"}}
+        for path, operations in schema["paths"].items():
+            if authenticated(path):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="loramill", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loramill", version="0.1.0", lifespan=lifespan,
+                  description="LoRA fine-tuning, merging and serving: OpenAI's files, fine-tuning and completions "
+                              "APIs, and loramill's adapters and merges. Every error is OpenAI's error object.")
+    app.openapi = lambda: openapi_schema(app)
     app.state.services = build_services(settings)
     app.state.metrics_registry, http = metrics_registry(app.state.services)
     app.add_middleware(Idempotency, services=app.state.services)  # added first: runs after the gate

@@ -29,8 +29,12 @@ from jobs.tenants import TenantRef, key_digest, tenant_for_digest
 from service.deps import Services
 from service.errors import error_body
 
-PUBLIC_PREFIXES = ("/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json")
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def authenticated(path: str) -> bool:
+    """Whether requests to `path` must carry a key: the API (`/v1/…`), not health, metrics or the docs."""
+    return path.startswith("/v1/") or path == "/v1"
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class Gate:
         self.buckets = TokenBuckets(settings.requests_per_minute) if settings.requests_per_minute else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/") and scope["path"] != "/v1":
+        if scope["type"] != "http" or not authenticated(scope["path"]):
             return await self.app(scope, receive, send)
         caller = await self._authenticate(scope)
         if caller is None:

@@ -22,6 +22,10 @@ from service.gate import answer
 
 MAX_KEY = 255
 MAX_STORED_RESPONSE = 1024 * 1024
+OPENAPI_PARAMETER = {  # documents the header on the routes that create something
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "A retry with the same key and request gets the first answer back and creates nothing new",
+    "schema": {"type": "string", "minLength": 1, "maxLength": MAX_KEY, "pattern": r"^[\x20-\x7e]+$"}}
 
 
 def _key(scope) -> bytes | None:

@@ -1,4 +1,5 @@
-"""Rows rendered as OpenAI's JSON objects (and loramill's own, in the same style)."""
+"""Rows rendered as OpenAI's JSON objects (and loramill's own, in the same style); their schemas are in
+`service.responses`, which the routes validate them against."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def job_object(row: JobRow, tenant_name: str | None = None) -> dict[str, Any]:
         "integrations": [], "metadata": row.metadata_, "user_provided_suffix": row.suffix,
         "method": {"type": "supervised", "supervised": {"hyperparameters": openai_hp}},
         "lora": row.lora, "adapter_id": row.adapter_id,
-        "loramill_hyperparameters": {k: v for k, v in hp.items() if k not in openai_hp},
+        "loramill_hyperparameters": {"max_seq_len": hp["max_seq_len"], "grad_accum": hp["grad_accum"],
+                                     "packing": hp["packing"], "checkpoint_every": hp["checkpoint_every"],
+                                     "learning_rate": hp.get("learning_rate")},  # set once the multiplier is known
     }
 
 

@@ -21,6 +21,12 @@ from service.errors import APIError
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and small fields around the file parts
 
 
+def multipart_body(fields: dict[str, dict], required: list[str]) -> dict:
+    """OpenAPI `requestBody` of a multipart form parsed by hand (`read_form`): each field's JSON schema."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": fields, "required": required}}}}}
+
+
 def too_large(limit: int, param: str = "file") -> APIError:
     return APIError(413, f"Upload too large: the limit is {limit} bytes", param=param, code="file_too_large")
 

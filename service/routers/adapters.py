@@ -29,13 +29,24 @@ from jobs.tenants import check_name
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.downloads import Stored, archive_download, file_download
 from service.errors import APIError
+from service.idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_KEY
 from service.objects import adapter_object, listing
-from service.uploads import declared_length, form_files, form_text, plain_filename, read_form, too_large
+from service.responses import BINARY, Adapter, AdapterList, Deleted, download, errors
+from service.uploads import (
+    declared_length, form_files, form_text, multipart_body, plain_filename, read_form, too_large,
+)
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(400, 401, 429))
+UPLOAD_FORM = multipart_body({
+    "base_model": {"type": "string", "description": "A registered base model's name"},
+    "name": {"type": "string", "description": "A display name (default: the adapter's id)"},
+    "file": {"type": "array", "items": BINARY, "minItems": len(ADAPTER_FILES), "maxItems": len(ADAPTER_FILES),
+             "description": f"The adapter's files, as parts named {' and '.join(ADAPTER_FILES)}"},
+}, required=["base_model", "file"])
 
 
-@router.post("")
+@router.post("", response_model=Adapter, responses=errors(404, 413, 422, 503, 507),
+             openapi_extra={**UPLOAD_FORM, "parameters": [IDEMPOTENCY_KEY]})
 async def upload_adapter(request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     limit = services.settings.max_upload_bytes
     await run_in_threadpool(check_storage, session, tenant.id, services.settings.max_stored_bytes,
@@ -99,7 +110,7 @@ def _store(services, session, tenant_id: str, base, name: str | None, uploads) -
     return adapter_object(row)
 
 
-@router.get("")
+@router.get("", response_model=AdapterList)
 def list_adapters(session: SessionDep, tenant: TenantDep, after: str | None = None,
                   limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
     scope = AdapterRow.tenant_id == tenant.id
@@ -107,7 +118,7 @@ def list_adapters(session: SessionDep, tenant: TenantDep, after: str | None = No
     return listing([adapter_object(r) for r in rows], more)
 
 
-@router.get("/{adapter_id}")
+@router.get("/{adapter_id}", response_model=Adapter, responses=errors(404))
 def retrieve_adapter(adapter_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     return adapter_object(get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id"))
 
@@ -121,13 +132,17 @@ def _stored_files(services, session, adapter_id: str, tenant_id: str) -> list[St
     return [Stored(root / f["name"], f["name"], f["bytes"], f["sha256"]) for f in row.files]
 
 
-@router.get("/{adapter_id}/archive")
+@router.get("/{adapter_id}/archive", response_class=StreamingResponse, responses={
+    **download("application/x-tar", "A tar of <adapter_id>/" + ", <adapter_id>/".join(ADAPTER_FILES) + ", each "
+               "file checked"), **errors(404)})
 def download_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
     """The adapter as a tar (`<adapter_id>/adapter_config.json`, `…/adapter_model.safetensors`), each file checked."""
     return archive_download(_stored_files(services, session, adapter_id, tenant.id), adapter_id)
 
 
-@router.get("/{adapter_id}/files/{name}")
+@router.get("/{adapter_id}/files/{name}", response_class=StreamingResponse, responses={
+    **download("application/octet-stream", "The file's bytes, checked against the sha256 in X-Content-Sha256",
+               ranges=True), **errors(404, 416)})
 async def download_adapter_file(adapter_id: str, name: str, request: Request, services: ServicesDep,
                                 session: SessionDep, tenant: TenantDep) -> StreamingResponse:
     """One of the adapter's files (as the object's `files` list them), with `X-Content-Sha256` and `Range` support."""
@@ -138,7 +153,7 @@ async def download_adapter_file(adapter_id: str, name: str, request: Request, se
     return await file_download(entry, request.headers.get("range"), "application/octet-stream")
 
 
-@router.delete("/{adapter_id}")
+@router.delete("/{adapter_id}", response_model=Deleted, responses=errors(404, 409, 503))
 def delete_adapter(adapter_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep,
                    background: BackgroundTasks) -> dict:
     row = get_owned(session, AdapterRow, adapter_id, tenant.id, "adapter", "adapter_id")

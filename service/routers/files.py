@@ -12,25 +12,34 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import or_, select
+from sqlalchemy import false, or_, select
 
 from adapters.errors import InputError
 from jobs.artifacts import TooLarge, file_digest, file_key
 from jobs.ids import new_id
-from jobs.store import FINISHED, get_owned, now, page
+from jobs.store import FINISHED, findable, get_owned, now, page
 from jobs.quotas import check_storage
 from jobs.tables import FileRow, JobRow
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.downloads import Stored, file_download
 from service.errors import APIError
+from service.idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_KEY
 from service.objects import file_object, listing
-from service.uploads import declared_length, form_files, form_text, plain_filename, read_form, too_large
+from service.responses import BINARY, Deleted, FileList, FileObject, download, errors
+from service.uploads import (
+    declared_length, form_files, form_text, multipart_body, plain_filename, read_form, too_large,
+)
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=errors(400, 401, 429))
 PURPOSES = ("fine-tune",)
+UPLOAD_FORM = multipart_body({
+    "purpose": {"type": "string", "enum": list(PURPOSES)},
+    "file": {**BINARY, "description": "A JSONL dataset (a .jsonl name), one training example a line"},
+}, required=["purpose", "file"])
 
 
-@router.post("")
+@router.post("", response_model=FileObject, responses=errors(413, 422, 503, 507),
+             openapi_extra={**UPLOAD_FORM, "parameters": [IDEMPOTENCY_KEY]})
 async def upload_file(request: Request, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     limit = services.settings.max_upload_bytes
     await run_in_threadpool(check_storage, session, tenant.id, services.settings.max_stored_bytes,
@@ -75,23 +84,25 @@ def _store(services, session, tenant_id: str, upload, filename: str, purpose: st
     return file_object(row)
 
 
-@router.get("")
+@router.get("", response_model=FileList)
 def list_files(session: SessionDep, tenant: TenantDep, purpose: str | None = None, after: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10000)] = 10000) -> dict:
     scope = FileRow.tenant_id == tenant.id
     query = select(FileRow).where(scope)
-    if purpose is not None:
-        query = query.where(FileRow.purpose == purpose)
+    if purpose is not None:  # one no file can have (a NUL) is not asked of the database: PostgreSQL would refuse it
+        query = query.where(FileRow.purpose == purpose if findable(purpose) else false())
     rows, more = page(session, query, FileRow, after=after, limit=limit, scope=scope)
     return listing([file_object(r) for r in rows], more)
 
 
-@router.get("/{file_id}")
+@router.get("/{file_id}", response_model=FileObject, responses=errors(404))
 def retrieve_file(file_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     return file_object(get_owned(session, FileRow, file_id, tenant.id, "file", "file_id"))
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=StreamingResponse, responses={
+    **download("application/octet-stream", "The file's bytes, checked against the sha256 in X-Content-Sha256",
+               ranges=True), **errors(404, 416)})
 async def file_content(file_id: str, request: Request, services: ServicesDep, session: SessionDep,
                        tenant: TenantDep) -> StreamingResponse:
     row = await run_in_threadpool(get_owned, session, FileRow, file_id, tenant.id, "file", "file_id")
@@ -104,7 +115,7 @@ async def file_content(file_id: str, request: Request, services: ServicesDep, se
                                "application/octet-stream")
 
 
-@router.delete("/{file_id}")
+@router.delete("/{file_id}", response_model=Deleted, responses=errors(404, 409, 503))
 def delete_file(file_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     row = get_owned(session, FileRow, file_id, tenant.id, "file", "file_id")
     busy = session.scalar(select(JobRow.id).where(

@@ -30,14 +30,16 @@ from jobs.errors import NotFound
 from jobs.ids import new_id
 from jobs.lifecycle import FINE_TUNING, new_event, request_cancel, submit
 from jobs.quotas import check_active_jobs
-from jobs.store import base_model, get_owned, insert_new, now, page
+from jobs.store import base_model, findable, get_owned, insert_new, now, page
 from jobs.tables import CheckpointRow, FileRow, JobEventRow, JobRow
 from service.deps import Services, ServicesDep, SessionDep, TenantDep
 from service.errors import APIError
+from service.idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_KEY
 from service.objects import checkpoint_object, event_object, job_object, listing
+from service.responses import CheckpointList, FineTuningJob, FineTuningJobList, JobEventList, errors
 from service.schemas import FineTuningJobCreate, Hyperparameters, LoraOptions
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=errors(400, 401, 429))
 def resolve_hyperparameters(hp: Hyperparameters) -> dict:
     """The job's hyperparameters as stored: "auto" stays "auto" until the worker has read the dataset and
     chosen (`adapters.auto_hyperparameters`; the job object then shows the values chosen, as OpenAI's does)."""
@@ -88,7 +90,7 @@ _TENANT_FILES = select(FileRow.id, FileRow.purpose, FileRow.records).where(
 def _datasets(conn: Connection, tenant_id: str, body: FineTuningJobCreate) -> tuple[Row, Row | None]:
     """The tenant's training and validation files, in one query; 404 for unknown and other tenants' ids alike."""
     wanted = {"training_file": body.training_file, "validation_file": body.validation_file}
-    ids = [file_id for file_id in wanted.values() if file_id is not None]
+    ids = [file_id for file_id in wanted.values() if findable(file_id)]
     found = {row.id: row for row in conn.execute(_TENANT_FILES, {"ids": ids, "tenant_id": tenant_id})}
     for param, file_id in wanted.items():
         if file_id is None:
@@ -101,7 +103,8 @@ def _datasets(conn: Connection, tenant_id: str, body: FineTuningJobCreate) -> tu
     return found[body.training_file], found.get(body.validation_file)
 
 
-@router.post("")
+@router.post("", response_model=FineTuningJob, responses=errors(404, 413, 422, 503),
+             openapi_extra={"parameters": [IDEMPOTENCY_KEY]})
 async def create_job(body: FineTuningJobCreate, services: ServicesDep, tenant: TenantDep) -> dict:
     return await run_in_threadpool(_create_job, body, services, tenant.id)
 
@@ -127,7 +130,7 @@ def _create_job(body: FineTuningJobCreate, services: Services, tenant_id: str) -
         return job_object(job)
 
 
-@router.get("")
+@router.get("", response_model=FineTuningJobList)
 def list_jobs(session: SessionDep, tenant: TenantDep, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
     scope = JobRow.tenant_id == tenant.id
@@ -135,12 +138,12 @@ def list_jobs(session: SessionDep, tenant: TenantDep, after: str | None = None,
     return listing([job_object(r) for r in rows], more)
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=FineTuningJob, responses=errors(404))
 def retrieve_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     return job_object(get_owned(session, JobRow, job_id, tenant.id, "fine-tuning job", "fine_tuning_job_id"))
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=errors(404, 409))
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     job = get_owned(session, JobRow, job_id, tenant.id, "fine-tuning job", "fine_tuning_job_id")
     request_cancel(session, FINE_TUNING, job.id)
@@ -148,7 +151,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     return job_object(job)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_model=JobEventList, responses=errors(404))
 def list_events(job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
     get_owned(session, JobRow, job_id, tenant.id, "fine-tuning job", "fine_tuning_job_id")
@@ -157,7 +160,7 @@ def list_events(job_id: str, session: SessionDep, tenant: TenantDep, after: str 
     return listing([event_object(r) for r in rows], more)
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=errors(404))
 def list_checkpoints(job_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict:
     job = get_owned(session, JobRow, job_id, tenant.id, "fine-tuning job", "fine_tuning_job_id")

@@ -23,9 +23,10 @@ from jobs.tenants import TenantRef
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.engines import EngineError, Generations, relay_events
 from service.errors import APIError, scrub_paths
+from service.responses import ChatCompletion, Completion, errors, streamed
 from service.schemas import ChatCompletionCreate, CompletionCreate
 
-router = APIRouter(prefix="/v1", tags=["inference"])
+router = APIRouter(prefix="/v1", tags=["inference"], responses=errors(400, 401, 404, 413, 429, 503))
 
 
 def _bound(services, body) -> None:
@@ -83,12 +84,13 @@ def _with_model(raw: bytes, name: str) -> dict:
     return result
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=Completion, responses={200: {"content": streamed("text_completion")}})
 async def create_completion(body: CompletionCreate, services: ServicesDep, session: SessionDep, tenant: TenantDep):
     return await _forward("/v1/completions", body, services, session, tenant)
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": streamed("chat.completion.chunk")}})
 async def create_chat_completion(body: ChatCompletionCreate, services: ServicesDep, session: SessionDep,
                                  tenant: TenantDep):
     return await _forward("/v1/chat/completions", body, services, session, tenant)

@@ -26,13 +26,16 @@ from jobs.tables import MergeEventRow, MergeRow
 from service.deps import ServicesDep, SessionDep, TenantDep
 from service.downloads import Stored, archive_download, file_download
 from service.errors import APIError
+from service.idempotency import OPENAPI_PARAMETER as IDEMPOTENCY_KEY
 from service.objects import event_object, listing, merge_object
+from service.responses import Merge, MergeEventList, MergeFiles, MergeList, download, errors
 from service.schemas import MergeCreate
 
-router = APIRouter(prefix="/v1/merges", tags=["merges"])
+router = APIRouter(prefix="/v1/merges", tags=["merges"], responses=errors(400, 401, 429))
 
 
-@router.post("")
+@router.post("", response_model=Merge, responses=errors(404, 413, 422, 503),
+             openapi_extra={"parameters": [IDEMPOTENCY_KEY]})
 def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> dict:
     from merge.methods import make_method
     from merge.writer import parse_size
@@ -60,7 +63,7 @@ def create_merge(body: MergeCreate, services: ServicesDep, session: SessionDep, 
     return merge_object(row)
 
 
-@router.get("")
+@router.get("", response_model=MergeList)
 def list_merges(session: SessionDep, tenant: TenantDep, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
     scope = MergeRow.tenant_id == tenant.id
@@ -68,7 +71,7 @@ def list_merges(session: SessionDep, tenant: TenantDep, after: str | None = None
     return listing([merge_object(r) for r in rows], more)
 
 
-@router.post("/{merge_id}/cancel")
+@router.post("/{merge_id}/cancel", response_model=Merge, responses=errors(404, 409))
 def cancel_merge(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     """A queued merge is cancelled at once; a running one is flagged and its worker stops within a second."""
     row = get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id")
@@ -77,7 +80,7 @@ def cancel_merge(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     return merge_object(row)
 
 
-@router.get("/{merge_id}/events")
+@router.get("/{merge_id}/events", response_model=MergeEventList, responses=errors(404))
 def list_merge_events(merge_id: str, session: SessionDep, tenant: TenantDep, after: str | None = None,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
     get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id")
@@ -86,7 +89,7 @@ def list_merge_events(merge_id: str, session: SessionDep, tenant: TenantDep, aft
     return listing([event_object(r, "merge.event") for r in rows], more)
 
 
-@router.get("/{merge_id}")
+@router.get("/{merge_id}", response_model=Merge, responses=errors(404))
 def retrieve_merge(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     return merge_object(get_owned(session, MergeRow, merge_id, tenant.id, "merge", "merge_id"))
 
@@ -99,13 +102,15 @@ def _finished(session, merge_id: str, tenant_id: str) -> MergeRow:
     return row
 
 
-@router.get("/{merge_id}/files")
+@router.get("/{merge_id}/files", response_model=MergeFiles, responses=errors(404, 409))
 def list_merge_files(merge_id: str, session: SessionDep, tenant: TenantDep) -> dict:
     row = _finished(session, merge_id, tenant.id)
     return {"object": "list", "data": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in row.files]}
 
 
-@router.get("/{merge_id}/files/{name}")
+@router.get("/{merge_id}/files/{name}", response_class=StreamingResponse, responses={
+    **download("application/octet-stream", "The file's bytes, checked against the manifest's sha256 (in "
+               "X-Content-Sha256)", ranges=True), **errors(404, 409, 416)})
 async def download_merge_file(merge_id: str, name: str, request: Request, services: ServicesDep, session: SessionDep,
                               tenant: TenantDep) -> StreamingResponse:
     row = await run_in_threadpool(_finished, session, merge_id, tenant.id)
@@ -117,7 +122,9 @@ async def download_merge_file(merge_id: str, name: str, request: Request, servic
                                request.headers.get("range"), "application/octet-stream")
 
 
-@router.get("/{merge_id}/archive")
+@router.get("/{merge_id}/archive", response_class=StreamingResponse, responses={
+    **download("application/x-tar", "The merged checkpoint as a tar of <merge_id>/<file>, each file checked"),
+    **errors(404, 409)})
 def download_merge_archive(merge_id: str, services: ServicesDep, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
     """The merged checkpoint as a tar (`<merge_id>/<file>`), each file checked against the manifest's sha256."""
     row = _finished(session, merge_id, tenant.id)

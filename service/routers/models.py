@@ -11,9 +11,10 @@ from jobs.store import resolve_model
 from jobs.tables import AdapterRow, BaseModelRow
 from service.deps import AdminDep, SessionDep, TenantDep
 from service.objects import adapter_model_object, base_model_object, listing
+from service.responses import AdapterModel, Model, ModelList, errors
 from service.schemas import ModelCreate
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=errors(400, 401, 429))
 
 
 def _adapter_models(session, tenant_id: str) -> list[dict]:
@@ -22,14 +23,14 @@ def _adapter_models(session, tenant_id: str) -> list[dict]:
     return [adapter_model_object(row) for row in rows]
 
 
-@router.get("")
+@router.get("", response_model=ModelList)
 def list_models(session: SessionDep, tenant: TenantDep) -> dict:
     """Every model the caller can ask: the base models, then its fine-tuned models and uploaded adapters."""
     bases = [base_model_object(r) for r in session.scalars(select(BaseModelRow).order_by(BaseModelRow.created_at))]
     return listing(bases + _adapter_models(session, tenant.id))
 
 
-@router.get("/{model:path}")
+@router.get("/{model:path}", response_model=AdapterModel | Model, responses=errors(404))
 def retrieve_model(model: str, session: SessionDep, tenant: TenantDep) -> dict:
     ref = resolve_model(session, tenant.id, model)
     if ref.adapter is None:
@@ -37,7 +38,7 @@ def retrieve_model(model: str, session: SessionDep, tenant: TenantDep) -> dict:
     return adapter_model_object(ref.adapter)
 
 
-@router.post("")
+@router.post("", response_model=Model, responses=errors(403, 409, 413))
 async def register_model(body: ModelCreate, session: SessionDep, _admin: AdminDep) -> dict:
     row = await run_in_threadpool(register_base_model, session, body.name, body.path)
     return base_model_object(row)
