@@ -12,7 +12,9 @@
 
 On the shipped sample (`loramill/data/capitals.jsonl`: 96 chats, 3,168 supervised tokens) this
 gives batch 8, 16 epochs and a multiplier of 16 on the default 128-wide base: the loss falls below
-1.0 and the model answers the training questions.
+1.0 (0.35) and the answers take the trained form, but the random 2-layer byte-level base gets only
+19 of the 96 training questions exactly right (Italy yes, France no; measured 2026-11-30): enough
+epochs for the form, not yet for every fact.
 """
 
 from __future__ import annotations
