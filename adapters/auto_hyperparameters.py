@@ -3,7 +3,7 @@
 - **batch size**: the largest power of two at most a tenth of the examples, between 1 and 32 (so an
   epoch is at least about ten optimizer steps, and small datasets still get many steps).
 - **epochs**: OpenAI's rule first: 3, more for a small dataset so that at least 100 examples are
-  seen, fewer for a large one so that at most 25,000 are. Then raised until at least 50,000
+  seen, fewer for a large one so that at most 25,000 are. Then raised until at least 80,000
   supervised tokens (the tokens the loss falls on) are trained on, because a LoRA learns from
   tokens, not examples: a short-answer dataset needs more passes than a long-answer one. At most 25.
 - **learning rate**: `2e-4 × multiplier`. 2e-4 is the usual LoRA learning rate for a 4096-wide
@@ -11,10 +11,11 @@
   prescribes for Adam on hidden weights, up to 16× (a 128-wide model).
 
 On the shipped sample (`loramill/data/capitals.jsonl`: 96 chats, 3,168 supervised tokens) this
-gives batch 8, 16 epochs and a multiplier of 16 on the default 128-wide base: the loss falls below
-1.0 (0.35) and the answers take the trained form, but the random 2-layer byte-level base gets only
-19 of the 96 training questions exactly right (Italy yes, France no; measured 2026-11-30): enough
-epochs for the form, not yet for every fact.
+gives batch 8, 25 epochs and a multiplier of 16 on the default 128-wide base: the random 2-layer
+byte-level base then answers 95 of the 96 training questions exactly. With the earlier floor of
+50,000 tokens (16 epochs) its loss fell to 0.35 and every answer took the trained form, but only
+19 of 96 were right (France: "The capital of Iranda is Oslo."; measured 2026-11-30): the form is
+learned before the facts.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ BASE_LEARNING_RATE = 2e-4
 REFERENCE_WIDTH = 4096  # where the multiplier is 1
 MAX_MULTIPLIER = 16.0
 TARGET_EPOCHS, MIN_EXAMPLES_SEEN, MAX_EXAMPLES_SEEN, MAX_EPOCHS = 3, 100, 25_000, 25
-MIN_SUPERVISED_TOKENS = 50_000
+MIN_SUPERVISED_TOKENS = 80_000
 MAX_BATCH_SIZE = 32
 
 

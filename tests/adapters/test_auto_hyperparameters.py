@@ -13,7 +13,7 @@ def test_batch_size_is_a_power_of_two_near_a_tenth_of_the_examples(examples, bat
 
 
 @pytest.mark.parametrize("examples, tokens, epochs", [
-    (96, 3168, 16),          # the sample: raised until 50,000 supervised tokens are trained on
+    (96, 3168, 25),          # the sample: raised until 80,000 supervised tokens are trained on
     (20, 10**6, 5),          # OpenAI: at least 100 examples seen
     (5000, 10**6, 3),        # OpenAI's default
     (20000, 10**7, 1),       # OpenAI: at most 25,000 examples seen
@@ -27,4 +27,4 @@ def test_the_learning_rate_is_inverse_to_width_and_given_values_are_kept():
     assert multiplier_for(4096) == 1 and multiplier_for(128) == 16 and multiplier_for(64) == 16
     assert multiplier_for(8192) == 0.5 and multiplier_for(None) == 1
     chosen = choose(96, 3168, 128, batch_size=4)
-    assert (chosen.n_epochs, chosen.batch_size, chosen.learning_rate) == (16, 4, 16 * BASE_LEARNING_RATE)
+    assert (chosen.n_epochs, chosen.batch_size, chosen.learning_rate) == (25, 4, 16 * BASE_LEARNING_RATE)

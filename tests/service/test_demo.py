@@ -21,7 +21,7 @@ def test_demo_trains_merges_downloads_and_shows_the_learned_behaviour(tmp_path):
     after = next(line for line in out.splitlines() if line.strip().startswith("after:"))
     assert "capital of" not in before and "The capital of" in after
     streamed = next(line for line in out.splitlines() if line.strip().startswith("after (the fine-tuned model):"))
-    assert "The capital of" in streamed  # the same answer, streamed from /v1/chat/completions
+    assert "The capital of France is Paris." in streamed  # the trained answer, streamed from /v1/chat/completions
     assert (tmp_path / "data" / "demo-server.log").exists()
     # a question from the training set beside one that is not, each said to be which
     seen = out.index("'What is the capital of France?' (in the training set)")

@@ -235,10 +235,10 @@ def test_a_default_job_learns_the_sample_dataset_and_reports_what_auto_chose(api
     assert job["hyperparameters"] == {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}
     assert run_training_job(ctx, job["id"]) == "succeeded"
     done = api.client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=api.auth("alice")).json()
-    assert done["hyperparameters"] == {"n_epochs": 16, "batch_size": 8, "learning_rate_multiplier": 16.0}
+    assert done["hyperparameters"] == {"n_epochs": 25, "batch_size": 8, "learning_rate_multiplier": 16.0}
     losses = [e.data["train_loss"] for e in events(ctx, job["id"]) if e.type == "metrics"]
-    assert len(losses) == 16 * 12 and losses[-1] < 1.0
-    assert any(e.message.startswith("Hyperparameters chosen from the dataset: n_epochs=16") for e in events(ctx, job["id"]))
+    assert len(losses) == 25 * 12 and losses[-1] < 1.0
+    assert any(e.message.startswith("Hyperparameters chosen from the dataset: n_epochs=25") for e in events(ctx, job["id"]))
 
     with ctx.db.sessions() as session:
         from jobs.tables import BaseModelRow
@@ -248,8 +248,9 @@ def test_a_default_job_learns_the_sample_dataset_and_reports_what_auto_chose(api
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                       str(ctx.artifacts.local_path(adapter_key)))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of Italy?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**ids, max_new_tokens=30, do_sample=False)
-    assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == \
-        "The capital of Italy is Rome."
+    for country, capital in (("Italy", "Rome"), ("France", "Paris")):  # France: the demo's question
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"What is the capital of {country}?"}],
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**ids, max_new_tokens=40, do_sample=False)  # bytes: "…Paris." is 31
+        assert tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == \
+            f"The capital of {country} is {capital}."
