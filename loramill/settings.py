@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     embedded_engines: bool = Field(True, description="Start an engine per base model on first use when none is configured.")
     engine_start_timeout_s: float = Field(300.0, gt=0, description="How long an embedded engine may take to load its model.")
     engine_timeout_s: float = Field(600.0, gt=0, description="Longest wait for an engine's next bytes.")
-    max_generation_tokens: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for.")
+    max_generation_tokens: int = Field(4096, gt=0, description="Largest max_tokens a request may ask for, and the most a request that omits it gets.")
     max_concurrent_generations: int = Field(16, ge=0, description="Generations a tenant may run at once, per API process.")
     host: str = "127.0.0.1"
     port: int = 8000

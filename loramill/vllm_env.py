@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -98,19 +99,22 @@ SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
 def server_command(python: Path, base_dir: Path, *, served_model_name: str, port: int, max_loras: int,
-                   max_lora_rank: int, max_model_len: int | None = None, dtype: str = "float32",
-                   host: str = "127.0.0.1") -> list[str]:
+                   max_lora_rank: int, max_tokens: int, max_model_len: int | None = None,
+                   dtype: str = "float32", host: str = "127.0.0.1") -> list[str]:
     """The command line of a vLLM server for one base model with runtime-loaded LoRA adapters.
 
     `served_model_name` is the base's registered name: the control plane sends it as `model` for the base.
     `max_lora_rank` must be one of vLLM's ranks (1, 8, 16, 32, 64, 128, 256, 320, 512).
     `--generation-config vllm`: a request's defaults are OpenAI's, as loramill's engine has them (an omitted
     `max_tokens` runs to the end of the context), not the checkpoint's `generation_config.json` sampling
-    values (its `max_new_tokens` would cap every request that omits `max_tokens`); its eos ids still apply.
+    values; its eos ids still apply. `max_tokens` (the API's LORAMILL_MAX_GENERATION_TOKENS) bounds a request
+    that omits `max_tokens` (vLLM takes the smallest of it and the rest of the context), as loramill's engine does;
+    the API refuses a larger explicit one before it reaches the engine.
     """
     command = [str(python), "-m", SERVER_MODULE, "--model", str(base_dir), "--served-model-name", served_model_name,
                "--host", host, "--port", str(port), "--dtype", dtype, "--generation-config", "vllm", "--enable-lora",
-               "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank)]
+               "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank),
+               "--override-generation-config", json.dumps({"max_new_tokens": max_tokens})]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
     return command

@@ -61,7 +61,7 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(engine: AsyncEngine, *, max_model_len: int) -> FastAPI:
+def create_app(engine: AsyncEngine, *, max_model_len: int, default_max_tokens: int | None = None) -> FastAPI:
     app = FastAPI(title="loramill engine", docs_url=None, redoc_url=None)
     tokenizer = engine.engine.tokenizer
     logprobs_shape = Logprobs(tokenizer)
@@ -130,8 +130,8 @@ def create_app(engine: AsyncEngine, *, max_model_len: int) -> FastAPI:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             max_tokens, logprobs = req.max_tokens, req.logprobs
-        if max_tokens is None:
-            max_tokens = max(1, max_model_len - len(prompt))
+        if max_tokens is None:  # to the end of the context, as OpenAI's chat does, within the operator's bound
+            max_tokens = max(1, min(max_model_len - len(prompt), default_max_tokens or max_model_len))
         params = req.sampling(max_tokens, logprobs)
         return req, req.model or engine.served_name, prompt, engine.generate(prompt, params, adapter, req.user)
 

@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-import httpx
+from bench import procs
+from bench.procs import REDIS, free_port, release_redis, stop, wait_http  # noqa: F401 — the tests' names for them
 
-REDIS = ("127.0.0.1", 6379)
 POSTGRES = ("127.0.0.1", 5432)
 RABBITMQ = ("127.0.0.1", 5672)
 BROKERS = ("redis", "rabbitmq")
@@ -88,21 +88,9 @@ def postgres_database() -> Iterator[str]:
 
 
 def free_redis_url() -> str:
-    """A URL for an empty Redis database number (1-15), claimed with a marker key."""
-    import redis
-
+    """A URL for an empty Redis database number (1-15) of the local Redis, started first if it is down."""
     ensure_redis()
-    for db in secrets.SystemRandom().sample(range(1, 16), 15):
-        client = redis.Redis(host=REDIS[0], port=REDIS[1], db=db)
-        if client.dbsize() == 0 and client.set("loramill-test-claim", "1", nx=True, ex=3600):
-            return f"redis://{REDIS[0]}:{REDIS[1]}/{db}"
-    raise RuntimeError("no empty Redis database number left")
-
-
-def release_redis(url: str) -> None:
-    import redis
-
-    redis.Redis.from_url(url).flushdb()
+    return procs.free_redis_url()
 
 
 @contextlib.contextmanager
@@ -130,37 +118,6 @@ def fresh_broker(kind: str) -> Iterator[str]:
         yield url
     finally:
         release_redis(url)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready after {timeout_s}s")
-
-
-def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-LORAMILL = [sys.executable, "-c", "from loramill.cli import main; main()"]  # the CLI of this checkout's interpreter
 
 
 def loramill_env(data_dir, **settings: str) -> dict[str, str]:

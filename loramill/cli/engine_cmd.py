@@ -71,10 +71,11 @@ def engine(base: str, host: str | None, port: int | None, served_model_name: str
     base_dir = resolve_model_dir(base)
     check_architecture(read_config(base_dir))  # refuse before the heavy imports and the weights
     _serve(base_dir, served_model_name or base, statics, config, host or settings.host,
-           settings.engine_port if port is None else port)
+           settings.engine_port if port is None else port, settings.max_generation_tokens)
 
 
-def _serve(base_dir, served_name: str, statics: list[tuple[str, str]], config, host: str, port: int) -> None:
+def _serve(base_dir, served_name: str, statics: list[tuple[str, str]], config, host: str, port: int,
+           default_max_tokens: int) -> None:
     import asyncio
     import socket
 
@@ -92,7 +93,7 @@ def _serve(base_dir, served_name: str, statics: list[tuple[str, str]], config, h
     model = load_model(base_dir, config)
     core = Engine(model, tokenizer, config, base_dir)
     async_engine = AsyncEngine(core, served_name)
-    app = create_app(async_engine, max_model_len=model.max_model_len)
+    app = create_app(async_engine, max_model_len=model.max_model_len, default_max_tokens=default_max_tokens)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))

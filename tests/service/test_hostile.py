@@ -22,6 +22,7 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
+from bench.hostile import bad_weights, safetensors
 from jobs.tables import FileRow, IdempotencyKeyRow, JobRow, MergeRow
 from tests.service.conftest import chat_lines, stored_files
 from tests.service.test_api import assert_openai_error, upload_adapter
@@ -379,11 +380,6 @@ def test_a_sha256_is_recorded_for_every_stored_file(api):
 # --- What a tenant's adapter or dataset can make the core do (findings 1, 2, 4, 5, 6) -------------------------------
 
 
-def _safetensors(header: dict | bytes, data: bytes = b"") -> bytes:
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return len(raw).to_bytes(8, "little") + raw + data
-
-
 def _stored(server) -> list:
     root = pathlib.Path(server.env["LORAMILL_DATA_DIR"]) / "artifacts"
     return sorted(p for p in root.rglob("*") if p.is_file() and ".trash" not in p.parts)
@@ -423,7 +419,7 @@ def test_a_redos_rank_pattern_is_matched_in_linear_time(server, peft_adapter):
             offset += 32 * rank
     before = _stored(server)
     with httpx.Client() as client, HealthWatch(server.url) as health:
-        response = _post_adapter(server, client, json.dumps(config).encode(), _safetensors(header, b"\0" * offset))
+        response = _post_adapter(server, client, json.dumps(config).encode(), safetensors(header, b"\0" * offset))
         _assert_refused_and_nothing_stored(server, client, response, before,
                                            f"module '{'a' * 28}!' has lora_A.weight [2, 8]", "configured rank is 8")
         invalid = {**config, "rank_pattern": {"(unclosed": 4}}  # and an invalid regex is a 400, not a 500
@@ -443,7 +439,7 @@ def test_a_huge_safetensors_header_is_refused_from_its_length(server, peft_adapt
     for count, timed in ((550_000, False), (50_000, True)):
         header = json.dumps({f"base_model.model.layers.{i}.lora_A.weight": entry for i in range(count)}).encode()
         files = [("file", ("adapter_config.json", (peft_adapter / "adapter_config.json").read_bytes())),
-                 ("file", ("adapter_model.safetensors", _safetensors(header)))]
+                 ("file", ("adapter_model.safetensors", safetensors(header)))]
         before, rss_before = _stored(server), server.rss()
         with httpx.Client(timeout=120) as client:
             request = client.build_request("POST", f"{server.url}/v1/adapters", data={"base_model": "tiny"},
@@ -456,29 +452,6 @@ def test_a_huge_safetensors_header_is_refused_from_its_length(server, peft_adapt
         assert server.rss() - rss_before < 100 << 20
         if timed:
             assert health.worst < HEALTHZ_BUDGET_S, health.worst
-
-
-def _bad_weights(adapter, case: str) -> bytes:
-    """The real adapter's safetensors file with one thing broken by hand."""
-    data = (adapter / "adapter_model.safetensors").read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header, body = json.loads(data[8:8 + n]), data[8 + n:]
-    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
-    first, second = header[names[0]], header[names[1]]
-    if case == "string data_offsets":
-        first["data_offsets"] = [str(x) for x in first["data_offsets"]]
-    elif case == "shape 1e999":
-        return _safetensors(json.dumps(header).replace(json.dumps(first["shape"]), "[1e999, 1]", 1).encode(), body)
-    elif case == "dtype in a list":
-        first["dtype"] = [first["dtype"]]
-    elif case.startswith("nested"):
-        depth = int(case.split()[1].replace(",", ""))
-        return _safetensors(b'{"x": ' + b"[" * depth + b"]" * depth + b"}")
-    elif case == "overlapping offsets":  # header bytes would have been read as weights
-        second["data_offsets"] = [second["data_offsets"][0] - 8, second["data_offsets"][1] - 8]
-    elif case == "negative offsets":
-        second["data_offsets"] = [-8, second["data_offsets"][1] - second["data_offsets"][0] - 8]
-    return _safetensors(header, body)
 
 
 @pytest.mark.slow
@@ -496,7 +469,7 @@ def test_malformed_safetensors_are_a_400_naming_the_problem(server, peft_adapter
     before = _stored(server)
     with httpx.Client() as client:
         response = _post_adapter(server, client, (peft_adapter / "adapter_config.json").read_bytes(),
-                                 _bad_weights(peft_adapter, case))
+                                 bad_weights((peft_adapter / "adapter_model.safetensors").read_bytes(), case))
         _assert_refused_and_nothing_stored(server, client, response, before, "adapter_model.safetensors: ", words)
 
 

@@ -27,6 +27,7 @@ from tests.services import free_port, stop, wait_http
 
 pytestmark = pytest.mark.slow
 PROMPT = "Hello world, this is"
+MAX_GENERATION_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def serve(tmp_path_factory, llama_base):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")}
     env.update({"LORAMILL_DATA_DIR": str(data), "LORAMILL_ENGINE_MAX_MODEL_LEN": "256",
                 "LORAMILL_ENGINE_DTYPE": "float32", "LORAMILL_ENGINE_DEVICE": "cpu",
-                "LORAMILL_MAX_GENERATION_TOKENS": "64"})
+                "LORAMILL_MAX_GENERATION_TOKENS": str(MAX_GENERATION_TOKENS)})
     keys = {name: cli(env, "tenant", "create", name) for name in ("alice", "bob")}
     cli(env, "model", "add", "tiny", str(llama_base))
     port = free_port()
@@ -124,6 +125,14 @@ def test_another_tenants_model_is_unknown_and_bad_requests_are_4xx(serve, llama_
         assert set(error) == {"message", "type", "param", "code"} and (param is None or error["param"] == param)
         assert str(serve["data"]) not in error["message"]
     assert client(serve).completions.create(model=adapter_id, prompt=PROMPT, max_tokens=4).usage  # still serving
+
+
+def test_a_chat_that_omits_max_tokens_stops_at_the_operators_bound(serve):
+    """OpenAI's chat runs an omitted max_tokens to the end of the context (256 here); the operator's
+    LORAMILL_MAX_GENERATION_TOKENS bounds it as it bounds an explicit one."""
+    answer = client(serve).chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                                   extra_body={"ignore_eos": True})
+    assert answer.usage.completion_tokens == MAX_GENERATION_TOKENS and answer.choices[0].finish_reason == "length"
 
 
 def test_a_jobs_adapter_is_served_when_the_job_succeeds_and_not_after_it_is_deleted(serve):

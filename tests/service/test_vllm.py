@@ -26,7 +26,8 @@ from loramill.vllm_env import server_command, server_environment
 from tests.service.conftest import chat_lines
 from tests.service.test_e2e import cli
 from tests.service.test_inference import (  # noqa: F401 — the control plane's serving tests, run on vLLM here
-    PROMPT, client, http, test_a_jobs_adapter_is_served_when_the_job_succeeds_and_not_after_it_is_deleted,
+    MAX_GENERATION_TOKENS, PROMPT, client, http, test_a_chat_that_omits_max_tokens_stops_at_the_operators_bound,
+    test_a_jobs_adapter_is_served_when_the_job_succeeds_and_not_after_it_is_deleted,
     test_a_tenant_asks_its_adapter_and_the_base_by_name,
     test_another_tenants_model_is_unknown_and_bad_requests_are_4xx, upload)
 from tests.serving.conftest import make_engine, register, submit, tokens_of
@@ -59,7 +60,8 @@ def vllm_url(vllm_python, llama_base, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(server_command(vllm_python, llama_base, served_model_name="tiny", port=port,
-                                                  max_loras=4, max_lora_rank=16, max_model_len=MAX_MODEL_LEN),
+                                                  max_loras=4, max_lora_rank=16, max_model_len=MAX_MODEL_LEN,
+                                                  max_tokens=MAX_GENERATION_TOKENS),
                                    env=server_environment(dict(os.environ)), stdout=log, stderr=subprocess.STDOUT)
     try:
         try:
@@ -78,7 +80,7 @@ def serve(tmp_path_factory, llama_base, vllm_url):
     data = tmp_path_factory.mktemp("serve-vllm") / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")}
     env.update({"LORAMILL_DATA_DIR": str(data), "LORAMILL_ENGINE_URLS": f'{{"tiny": "{vllm_url}"}}',
-                "LORAMILL_EMBEDDED_ENGINES": "false", "LORAMILL_MAX_GENERATION_TOKENS": "64"})
+                "LORAMILL_EMBEDDED_ENGINES": "false", "LORAMILL_MAX_GENERATION_TOKENS": str(MAX_GENERATION_TOKENS)})
     keys = {name: cli(env, "tenant", "create", name) for name in ("alice", "bob")}
     cli(env, "model", "add", "tiny", str(llama_base))
     port = free_port()
