@@ -22,7 +22,7 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
-from bench.hostile import bad_weights, safetensors
+from bench.hostile import bad_weights, redos_adapter, safetensors
 from jobs.tables import FileRow, IdempotencyKeyRow, JobRow, MergeRow
 from tests.service.conftest import chat_lines, stored_files
 from tests.service.test_api import assert_openai_error, upload_adapter
@@ -409,20 +409,13 @@ def test_a_redos_rank_pattern_is_matched_in_linear_time(server, peft_adapter):
     `aaa…a` matches the key (rank 4) and `aaa…a!` does not (rank r = 8, as PEFT gives it), whose
     rank-2 tensors are then refused: the adapter is refused before it is bound to the base.
     """
-    config = json.loads((peft_adapter / "adapter_config.json").read_text())
-    config.update(r=8, rank_pattern={"(a+)+": 4})
-    header, offset = {}, 0
-    for name, rank in (("a" * 28, 4), ("a" * 28 + "!", 2)):
-        for part, shape in (("lora_A", [rank, 8]), ("lora_B", [8, rank])):
-            header[f"base_model.model.{name}.{part}.weight"] = {"dtype": "F32", "shape": shape,
-                                                               "data_offsets": [offset, offset + 32 * rank]}
-            offset += 32 * rank
+    config, weights = redos_adapter(json.loads((peft_adapter / "adapter_config.json").read_text()))
     before = _stored(server)
     with httpx.Client() as client, HealthWatch(server.url) as health:
-        response = _post_adapter(server, client, json.dumps(config).encode(), safetensors(header, b"\0" * offset))
+        response = _post_adapter(server, client, config, weights)
         _assert_refused_and_nothing_stored(server, client, response, before,
                                            f"module '{'a' * 28}!' has lora_A.weight [2, 8]", "configured rank is 8")
-        invalid = {**config, "rank_pattern": {"(unclosed": 4}}  # and an invalid regex is a 400, not a 500
+        invalid = {**json.loads(config), "rank_pattern": {"(unclosed": 4}}  # and an invalid regex is a 400, not a 500
         response = _post_adapter(server, client, json.dumps(invalid).encode(), (peft_adapter /
                                  "adapter_model.safetensors").read_bytes())
         _assert_refused_and_nothing_stored(server, client, response, before, "not a valid regular expression")
