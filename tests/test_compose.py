@@ -125,6 +125,9 @@ def test_the_vllm_engine_loads_adapters_at_run_time_as_the_api_asks():
     assert int(_flag(argv, "--max-lora-rank")) >= int(COMPOSE["x-loramill-env"]["LORAMILL_MAX_RANK"])
     assert int(_flag(argv, "--max-cpu-loras")) >= int(_flag(argv, "--max-loras"))
     assert _flag(argv, "--generation-config") == "vllm"  # OpenAI's request defaults, as loramill's engine has them
+    api_bound = COMPOSE["x-loramill-env"].get("LORAMILL_MAX_GENERATION_TOKENS",
+                                              Settings.model_fields["max_generation_tokens"].default)
+    assert json.loads(_flag(argv, "--override-generation-config")) == {"max_new_tokens": int(api_bound)}
     assert vllm["healthcheck"]["test"][-1].endswith(f":{_flag(argv, '--port')}/health')")
 
 

@@ -128,14 +128,6 @@ def _vllm_models(url: str) -> set[str]:
     return {card["id"] for card in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
 
 
-def test_an_omitted_max_tokens_runs_to_the_end_of_the_context_as_on_loramills_engine(serve):
-    """OpenAI's default, which loramill's engine follows; vLLM would otherwise take the checkpoint's
-    generation_config `max_new_tokens` (64 here) as every request's default."""
-    answer = client(serve).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
-                                                   temperature=0, extra_body={"ignore_eos": True})
-    assert answer.usage.prompt_tokens + answer.usage.completion_tokens == MAX_MODEL_LEN
-
-
 def test_engine_errors_reach_the_caller_in_openais_shape(serve, llama_base, lora):
     """vLLM's own refusals come back as OpenAI errors (OpenAI's type, a string code or null), with no path: a
     prompt longer than its context, and an adapter of a rank above its --max-lora-rank (vLLM: 500 from its
