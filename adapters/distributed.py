@@ -1,7 +1,7 @@
 """Training on N processes: `launch` starts them and relays; `python -m adapters.distributed` is one of them.
 
     caller (CLI / worker: holds the job's lease)        rank 0                     ranks 1..N-1
-      launch(cfg) ── N × python -m adapters.distributed <control> ──▶ LoraTrainer(ranks=AcceleratedRanks)
+      launch(cfg) ── N × python -m adapters.distributed <control> ──▶ LoraTrainer(ranks=AcceleratedRanks | ShardedRanks)
       reads <control>/events.jsonl  ◀── start, progress ── writes files, reports    compute only
       should_stop() or progress() says stop ──▶ touches <control>/stop ──▶ rank 0 sees it before the next
                                                    micro-batch and broadcasts it: all ranks stop there
@@ -14,6 +14,10 @@ a crashed rank never leaves the others blocked in a collective. Each child gets 
 `torchrun`/`accelerate launch` would give it (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`); accelerate's `Accelerator` reads it and opens
 the process group (gloo on the CPU, NCCL with one GPU per rank on CUDA). One host only.
+
+`launch` settles `cfg.sharding` before the ranks start: "auto" becomes "fsdp" when the base's
+weights (summed from its safetensors headers, nothing loaded) exceed `adapters.ranks.FSDP_ABOVE` of
+the smallest GPU's memory, else "ddp" (always on the CPU); rank 0's start event carries the choice.
 
 Only the caller talks to the job store: the ranks never see the lease. Progress, cancellation
 and lease loss therefore behave as for one process (the caller's `progress` / `should_stop`
@@ -32,13 +36,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from adapters.checkpoint import read_checkpoint, resolve_model_dir
 from adapters.errors import InputError
+from adapters.ranks import choose_sharding
 from adapters.training import ProgressCallback, TrainingConfig, TrainingProgress, TrainingResult
 
 CONFIG = "config.json"
@@ -69,6 +75,7 @@ def launch(cfg: TrainingConfig, *, progress: ProgressCallback | None = None,
     if torch.cuda.is_available() and cfg.devices > torch.cuda.device_count():
         raise InputError(f"devices {cfg.devices} is more than the {torch.cuda.device_count()} GPUs this machine has",
                          param="devices")
+    cfg = _settle_sharding(cfg)
     control = Path(tempfile.mkdtemp(prefix="loramill-ranks-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -114,6 +121,17 @@ def launch(cfg: TrainingConfig, *, progress: ProgressCallback | None = None,
                 p.kill()
             p.wait()
         shutil.rmtree(control, ignore_errors=True)
+
+
+def _settle_sharding(cfg: TrainingConfig) -> TrainingConfig:
+    """`cfg` with "auto" sharding replaced by "ddp" or "fsdp" (`adapters.ranks.choose_sharding`)."""
+    if cfg.sharding != "auto":
+        return cfg
+    device_bytes = None
+    if torch.cuda.is_available():
+        device_bytes = min(torch.cuda.get_device_properties(i).total_memory for i in range(cfg.devices))
+    base_bytes = sum(t.nbytes for t in read_checkpoint(resolve_model_dir(cfg.base)).values())
+    return replace(cfg, sharding=choose_sharding(cfg.sharding, base_bytes, device_bytes))
 
 
 def _rank_env(world: int) -> dict[str, str]:
@@ -190,7 +208,7 @@ def _write_json(path: Path, value) -> None:
 
 def _rank_main(control: Path) -> int:
     """One rank: train, rank 0 reporting through `control`; exit 0, or 3 after writing an InputError."""
-    from adapters.ranks import AcceleratedRanks
+    from adapters.ranks import AcceleratedRanks, ShardedRanks
     from adapters.training import LoraTrainer
 
     rank = int(os.environ["RANK"])
@@ -203,7 +221,7 @@ def _rank_main(control: Path) -> int:
         return stop_file.exists()
 
     try:
-        ranks = AcceleratedRanks()
+        ranks = ShardedRanks() if cfg.sharding == "fsdp" else AcceleratedRanks()
         trainer = LoraTrainer(cfg, report, None, should_stop=stop_file.exists, ranks=ranks)
         try:
             if ranks.is_main:

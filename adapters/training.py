@@ -16,9 +16,10 @@ the same `out` or a fresh one, replays the same batches in the same order and co
 metrics from the checkpoint's copy, so adapter and metrics equal the uninterrupted run's.
 
 `devices > 1` trains on that many processes (`adapters.distributed` launches them, `adapters.ranks`
-says how they split each batch): the same loop, where the main process (rank 0) alone writes
-files and reports progress, and a stop it is asked for reaches every process at the same
-micro-batch.
+says how they split each batch and hold the base: DDP, or FSDP for a base that does not fit one
+device): the same loop, where the main process (rank 0) alone writes files and reports progress,
+every process evaluates its share of each validation batch, and a stop the main process is asked
+for reaches every process at the same micro-batch.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from adapters.fsutil import atomic_directory
 from adapters.layouts import is_conv1d
 from adapters.lm_loss import IGNORE_INDEX, CausalLMLoss
 from adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, quiet_peft_model_init
-from adapters.ranks import MAX_DEVICES, Ranks
+from adapters.ranks import MAX_DEVICES, SHARDINGS, Ranks, local_bytes
 
 STATE_FILE = "training_state.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -83,6 +84,7 @@ class TrainingConfig:
     max_rank: int = 1024
     cache_dir: str | None = None  # tokenized-dataset cache (`adapters.data.tokenize_jsonl`); None: no cache
     devices: int = 1  # processes training together (one GPU each on CUDA); `adapters.distributed`
+    sharding: str = "auto"  # how `devices` > 1 processes hold the base: "ddp", "fsdp" or "auto" (`adapters.ranks`)
 
     def validate(self) -> None:
         positive = {"rank": self.rank, "alpha": self.alpha, "epochs": self.epochs, "lr": self.lr,
@@ -105,6 +107,11 @@ class TrainingConfig:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", param=name)
         if self.devices > MAX_DEVICES:
             raise InputError(f"devices {self.devices} is above the maximum {MAX_DEVICES}", param="devices")
+        if self.sharding not in SHARDINGS:
+            raise InputError(f"sharding must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}", param="sharding")
+        if self.sharding != "auto" and self.devices == 1:
+            raise InputError(f"sharding {self.sharding!r} needs devices > 1: one process holds the whole base "
+                             "(leave sharding 'auto')", param="sharding")
         if self.overlong not in ("truncate", "refuse"):
             raise InputError(f"overlong must be truncate or refuse, got {self.overlong!r}", param="overlong")
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -143,16 +150,19 @@ class TrainingResult:
     stopped: bool
     val_loss: float | None = None
     checkpoints: list[Path] = field(default_factory=list)
+    base_bytes_held: int = 0  # frozen base weights the main process held: all of them, or its shards under FSDP
 
 
 def device_for_training() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_base_model(base: str | Path, device: torch.device | None = None):
+def load_base_model(base: str | Path, device: torch.device | None = None, *, stage_on_host: bool = False):
     """The frozen base as `AutoModelForCausalLM`: float32 on CPU, the checkpoint's dtype on CUDA.
 
-    Refuses pickle-only checkpoints before anything is loaded.
+    `stage_on_host`: leave the weights in host memory, in `device`'s dtype, for FSDP to move each
+    process's shards to `device` (`adapters.ranks.ShardedRanks`). Refuses pickle-only checkpoints
+    before anything is loaded.
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -163,7 +173,7 @@ def load_base_model(base: str | Path, device: torch.device | None = None):
     device = device or device_for_training()
     dtype = torch.float32 if device.type == "cpu" else "auto"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-    return model.to(device)
+    return model if stage_on_host else model.to(device)
 
 
 def _lora_model(base_model, cfg: TrainingConfig):
@@ -229,8 +239,15 @@ def _choose_auto(cfg: TrainingConfig, train_set, model_dir: Path) -> TrainingCon
     return replace(cfg, epochs=chosen.n_epochs, batch_size=chosen.batch_size, lr=chosen.learning_rate)
 
 
+def _decoder_layers(causal_lm) -> list[torch.nn.Module]:
+    """The model's repeated blocks (`LlamaDecoderLayer`, `GPT2Block`, ...: transformers' `_no_split_modules`),
+    the units FSDP gathers one at a time."""
+    names = set(getattr(causal_lm, "_no_split_modules", None) or ())
+    return [m for m in causal_lm.modules() if type(m).__name__ in names]
+
+
 class _LossModule(torch.nn.Module):
-    """backbone → chunked LM-head cross-entropy, as one module so DDP sees every forward.
+    """backbone → chunked LM-head cross-entropy, as one module so DDP and FSDP see every forward.
 
     `forward(input_ids, attention_mask, labels[, position_ids])` → the summed loss over supervised tokens (scalar).
     """
@@ -279,8 +296,9 @@ class LoraTrainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         cfg = self.cfg = _choose_auto(cfg, self.train_set, model_dir)
 
-        base = base_model if base_model is not None else load_base_model(model_dir, self.ranks.device)
-        self.device = next(base.parameters()).device
+        base = base_model if base_model is not None else load_base_model(
+            model_dir, self.ranks.device, stage_on_host=self.ranks.shards_base)
+        self.device = self.ranks.device
         self.model = _lora_model(base, cfg)
         causal_lm = self.model.get_base_model()
         if cfg.gradient_checkpointing:
@@ -299,6 +317,9 @@ class LoraTrainer:
                                                    max_seq_len=cfg.max_seq_len, packing=cfg.packing)
         steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accum)
         self.total_steps = min(cfg.max_steps or 10**12, steps_per_epoch * cfg.epochs)
+        # wrapped before the optimizer exists: FSDP moves the LoRA weights to the device with the base's shards
+        self.forward_module = self.ranks.wrap(self.loss_module, _decoder_layers(causal_lm))
+        self.base_bytes_held = local_bytes(p for p in self.model.parameters() if not p.requires_grad)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * self.total_steps)
@@ -310,8 +331,7 @@ class LoraTrainer:
         self.checkpoints: list[Path] = []
         self.resumed_from = Path(cfg.resume_from) if cfg.resume_from else None
         if self.resumed_from:
-            self._load_state(self.resumed_from)
-        self.forward_module = self.ranks.wrap(self.loss_module)  # after loading: DDP starts from equal weights
+            self._load_state(self.resumed_from)  # the same checkpoint on every process: equal weights again
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -335,7 +355,7 @@ class LoraTrainer:
             self.step += 1
             self.micro_in_epoch += len(group)
             step_val = epoch_val = None
-            evaluate = main and self.val_set is not None  # the main process alone evaluates
+            evaluate = self.val_set is not None  # every process, on its share
             if evaluate and cfg.eval_every and self.step % cfg.eval_every == 0:
                 step_val = val_loss = self.evaluate()
             if self.micro_in_epoch == self.batches_per_epoch:
@@ -360,12 +380,13 @@ class LoraTrainer:
             target = self.out / "checkpoints" / f"step-{self.step:06d}"
             if not (self.checkpoints and self.checkpoints[-1] == target):
                 self._save_checkpoint(target, metrics.path)
-        if main and not stopped and self.val_set is not None and val_loss is None:
+        if not stopped and self.val_set is not None and val_loss is None:
             val_loss = self.evaluate()
         adapter_dir = None if stopped or not main else self._save_adapter()
         return TrainingResult(adapter_dir=adapter_dir, steps=self.step, trained_tokens=self.tokens_seen,
                               final_loss=loss, metrics_path=self.out / METRICS_NAME, stopped=stopped,
-                              val_loss=val_loss, checkpoints=list(self.checkpoints))
+                              val_loss=val_loss, checkpoints=list(self.checkpoints),
+                              base_bytes_held=self.base_bytes_held)
 
     def _epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """The current epoch's micro-batches from the current position (lazy)."""
@@ -400,11 +421,12 @@ class LoraTrainer:
             last = i == len(group) - 1
             with nullcontext() if last else ranks.no_sync(self.forward_module):
                 if share is None:  # no rows for this process: a zero-weight pass still joins DDP's all-reduce
-                    loss_sum = self._forward_loss({k: v[:1] for k, v in batch.items()}) * 0.0
+                    loss_sum = self._forward_loss({k: v[:1] for k, v in batch.items()}) * 0.0  # and FSDP's gathers
                 else:
                     loss_sum = self._forward_loss(share)
                 (loss_sum * (ranks.world / max(1, n_tokens))).backward()  # DDP averages over the world
             total += loss_sum.item()
+        ranks.average_gradients(self.trainable)
         total = ranks.sum(total)
         if not math.isfinite(total):
             raise InputError(f"the training loss is {total} at step {self.step + 1}: the learning rate or LoRA alpha "
@@ -422,6 +444,9 @@ class LoraTrainer:
     def evaluate(self) -> float:
         from adapters.data import iterate_batches
 
+        """Mean loss over the validation set's supervised tokens: every process computes its share of each batch
+        (under FSDP each must join every forward), through `loss_module` (no DDP wrapper; FSDP's hooks sit on the
+        module itself), and the sums are added."""
         self.model.eval()
         total, count = 0.0, 0
         for batch in iterate_batches(self.val_set, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
@@ -429,9 +454,13 @@ class LoraTrainer:
                                      shuffle=False, seed=0, epoch=0, mask_dtype=self.autocast_dtype):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             count += supervised_tokens(batch["labels"])
-            total += float(self._forward_loss(batch, self.loss_module))  # main process only: no DDP
+            share = self.ranks.share(batch)
+            if share is None:  # no rows here: a pass on one row, not counted, keeps FSDP's gathers in step
+                self._forward_loss({k: v[:1] for k, v in batch.items()}, self.loss_module)
+            else:
+                total += float(self._forward_loss(share, self.loss_module))
         self.model.train()
-        return total / max(1, count)
+        return self.ranks.sum(total) / max(1, count)
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -574,9 +603,10 @@ def train(cfg: TrainingConfig, progress: ProgressCallback | None = None, base_mo
     `checkpoint_on_stop`: a run stopped early saves a checkpoint of its last finished step (what
     `loramill train` does on Ctrl-C, so it can be resumed); a cancelled job does not.
 
-    `cfg.devices > 1`: the run happens in that many child processes (`adapters.distributed.launch`);
-    this process relays their progress to `progress` and its stops to them; `base_model` is unused,
-    and a stopped run keeps the checkpoints it has (`checkpoint_on_stop` is for one process).
+    `cfg.devices > 1`: the run happens in that many child processes (`adapters.distributed.launch`,
+    which resolves `cfg.sharding` "auto" to DDP or FSDP); this process relays their progress to
+    `progress` and its stops to them; `base_model` is unused, and a stopped run keeps the
+    checkpoints it has (`checkpoint_on_stop` is for one process).
     """
     if cfg.devices > 1:
         from adapters.distributed import launch

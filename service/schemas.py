@@ -18,7 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from adapters.peft_format import MAX_LORA_ALPHA
-from adapters.ranks import MAX_DEVICES
+from adapters.ranks import MAX_DEVICES, SHARDINGS
 from merge.options import describe as describe_merges
 
 MODULE_RE = re.compile(r"^[A-Za-z0-9_.]{1,128}$")
@@ -86,6 +86,7 @@ class Hyperparameters(Body):
     packing: StrictBool = False
     checkpoint_every: ranged(int, 0) | None = None  # steps; None: once per epoch
     devices: ranged(int, 1, MAX_DEVICES) = 1  # processes training together; also capped by LORAMILL_WORKER_DEVICES
+    sharding: Annotated[Literal[SHARDINGS], _explained("must be 'auto', 'ddp' or 'fsdp'")] = "auto"  # with devices > 1
 
 
 class Supervised(Body):

@@ -263,5 +263,6 @@ def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
         resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
         cache_dir=str(ctx.settings.resolved_dataset_cache_dir),
         devices=devices,
+        sharding=hp.get("sharding", "auto"),  # jobs created before FSDP have none
     )
 

@@ -17,7 +17,7 @@ import click
 
 from adapters.errors import InputError
 from adapters.fsutil import new_directories_removed_on_error
-from adapters.ranks import MAX_DEVICES
+from adapters.ranks import MAX_DEVICES, SHARDINGS
 
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 
@@ -60,6 +60,9 @@ def _targets(value: str) -> str | tuple[str, ...]:
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=False, show_default=True)
 @click.option("--devices", type=click.IntRange(1, MAX_DEVICES), default=1, show_default=True,
               help="Train on N processes together (one GPU each; gloo processes on a CPU), through accelerate.")
+@click.option("--sharding", type=click.Choice(SHARDINGS), default="auto", show_default=True,
+              help="How --devices N > 1 hold the base: ddp (a copy each), fsdp (1/N each, for a base that does not fit "
+                   "one GPU), auto (fsdp when the base's weights exceed half of a GPU's memory).")
 @click.option("--overwrite", is_flag=True,
               help="Replace a non-empty --out (its old contents are deleted once the data and base have loaded).")
 def train(overwrite: bool, **options) -> None:

@@ -76,10 +76,14 @@ def _check_context(max_seq_len: int, base) -> None:
                        f"{base.name!r} takes", param="hyperparameters.max_seq_len", code="invalid_value")
 
 
-def _check_devices(devices: int, offered: int) -> None:
+def _check_devices(devices: int, sharding: str, offered: int) -> None:
     if devices > offered:
         raise APIError(400, f"hyperparameters.devices {devices} is more than the {offered} device"
                        f"{'s' if offered > 1 else ''} a training worker offers", param="hyperparameters.devices",
+                       code="invalid_value")
+    if sharding != "auto" and devices == 1:  # as `TrainingConfig.validate` says it, before anything is stored
+        raise APIError(400, f"hyperparameters.sharding {sharding!r} needs hyperparameters.devices > 1: one process "
+                       "holds the whole base (leave sharding 'auto')", param="hyperparameters.sharding",
                        code="invalid_value")
 
 
@@ -116,7 +120,7 @@ def _create_job(body: FineTuningJobCreate, services: Services, tenant_id: str) -
         check_active_jobs(conn, tenant_id, services.settings.max_active_jobs)
         hp = resolve_hyperparameters(_hyperparameters(body))
         _check_context(hp["max_seq_len"], base)
-        _check_devices(hp["devices"], services.settings.worker_devices)
+        _check_devices(hp["devices"], hp["sharding"], services.settings.worker_devices)
         lora = _lora(body, base.path, services.settings.max_rank)
 
         job = JobRow(id=new_id("ftjob"), tenant_id=tenant_id, model=base.name, training_file=train_file.id,

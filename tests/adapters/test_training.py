@@ -177,6 +177,8 @@ def test_packed_training_sees_the_same_real_tokens_in_fewer_steps(cfg, tmp_path)
         (dict(targets=("q_proj", "nonexistent_proj")), "unknown target module 'nonexistent_proj'"),
         (dict(dropout=1.5), "dropout"),
         (dict(base="/does/not/exist"), "does not exist"),
+        (dict(sharding="zero3"), "sharding must be one of auto, ddp, fsdp"),
+        (dict(sharding="fsdp"), "sharding 'fsdp' needs devices > 1"),  # refused, not ignored: one process can't shard
     ],
 )
 def test_bad_options_are_refused(cfg, change, message):

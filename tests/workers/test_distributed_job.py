@@ -46,6 +46,17 @@ def test_devices_out_of_range_or_above_the_workers_are_refused_and_nothing_is_st
     assert _jobs(api) == 0
 
 
+def test_a_sharding_that_is_unknown_or_given_for_one_device_is_refused_and_nothing_is_stored(api):
+    for hyperparameters, message in [({"sharding": "zero3"}, "must be 'auto', 'ddp' or 'fsdp'"),
+                                     ({"sharding": "fsdp"}, "'fsdp' needs hyperparameters.devices > 1"),
+                                     ({"sharding": "ddp", "devices": 1}, "'ddp' needs hyperparameters.devices > 1")]:
+        r = _post(api, **hyperparameters)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert message in error["message"] and error["param"].endswith("sharding"), error
+    assert _jobs(api) == 0
+
+
 def test_a_worker_with_fewer_devices_fails_the_job_clearly(make_api):
     api = make_api(worker_devices=2)
     job_id = _post(api, devices=2).json()["id"]
@@ -56,13 +67,20 @@ def test_a_worker_with_fewer_devices_fails_the_job_clearly(make_api):
 
 
 @pytest.mark.slow
-def test_a_two_device_job_matches_the_one_device_job_and_records_the_same(make_api):
+@pytest.mark.parametrize("sharding", ["auto", "fsdp"])
+def test_a_two_device_job_matches_the_one_device_job_and_records_the_same(make_api, monkeypatch, sharding):
+    import adapters.distributed
+
+    launched = []
+    launch = adapters.distributed.launch
+    monkeypatch.setattr(adapters.distributed, "launch", lambda cfg, **kw: launched.append(cfg) or launch(cfg, **kw))
     api = make_api(worker_devices=2)
     ctx = context_for(api.settings)
     one = _post(api, checkpoint_every=1).json()["id"]
-    two = _post(api, checkpoint_every=1, devices=2).json()["id"]
+    two = _post(api, checkpoint_every=1, devices=2, sharding=sharding).json()["id"]
     assert run_training_job(ctx, one) == "succeeded"
     assert run_training_job(ctx, two) == "succeeded"
+    assert [cfg.sharding for cfg in launched] == [sharding]  # the job's choice reaches the ranks' launch
     job = job_row(ctx, two)
     assert job.hyperparameters["devices"] == 2 and job.total_steps == 2 and job.trained_tokens == job_row(ctx, one).trained_tokens
     assert metrics_steps(ctx, two) == [1, 2]
