@@ -442,11 +442,11 @@ class LoraTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        from adapters.data import iterate_batches
-
         """Mean loss over the validation set's supervised tokens: every process computes its share of each batch
         (under FSDP each must join every forward), through `loss_module` (no DDP wrapper; FSDP's hooks sit on the
         module itself), and the sums are added."""
+        from adapters.data import iterate_batches
+
         self.model.eval()
         total, count = 0.0, 0
         for batch in iterate_batches(self.val_set, batch_size=self.cfg.batch_size, pad_id=self.pad_id,
