@@ -120,6 +120,9 @@ def fresh_broker(kind: str) -> Iterator[str]:
         release_redis(url)
 
 
+LORAMILL = [sys.executable, "-c", "from loramill.cli import main; main()"]  # the CLI of this checkout's interpreter
+
+
 def loramill_env(data_dir, **settings: str) -> dict[str, str]:
     """This process's environment without any LORAMILL_ setting, then the data dir and `settings` (LORAMILL_ + upper)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMILL_")}
