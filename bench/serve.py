@@ -368,6 +368,12 @@ def _fmt(x: dict, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(x['median'])} ({fmt.format(x['min'])}-{fmt.format(x['max'])})"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (kernel speeds, and so these ratios, differ between CPU makers)."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -413,7 +419,10 @@ def main() -> None:
         return {k: _spread(e / p for e, p in zip(table["engine"], v, strict=True))
                 for k, v in table.items() if k != "engine" and len(v) == len(table["engine"])}
 
-    results: dict = {"load_average_start": load_start, "threads": torch.get_num_threads(),
+    from serving.layers import decode_kernels
+
+    results: dict = {"load_average_start": load_start, "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                     "decode_kernels": {f"{d_in}x{d_out}": k for (d_in, d_out, _, _), k in decode_kernels().items()},
                      "tokens_per_s": {k: _spread(v) for k, v in rates.items()},
                      "tokens_per_cpu_s": {k: _spread(v) for k, v in cpu_rates.items() if v},
                      "engine_over": over(rates), "engine_over_per_cpu_s": over(cpu_rates)}
@@ -444,6 +453,8 @@ def report(results: dict) -> None:
     print(f"\n{REQUESTS} requests x {PROMPT_TOKENS} prompt + {NEW_TOKENS} new tokens, greedy, batch {BATCH}, "
           f"{SLOTS} rank-{RANK} adapters, {results['threads']} torch threads; output tokens/s, median (min-max) "
           f"over rounds; load average {results['load_average_start']} -> {results['load_average_end']}")
+    print(f"  CPU: {results['cpu']}; the engine's decode GEMM kernels (serving.layers.BaseMatmul): "
+          + ", ".join(f"{shape} {kernel}" for shape, kernel in results["decode_kernels"].items()))
     labels = {"engine": "loramill engine", "base": "(a) base alone, transformers generate",
               "peft-serial": "(b) PEFT set_adapter, one at a time", "peft-mixed": "(c) PEFT mixed batch",
               "vllm": "vLLM (bench/vllm_peer.py)"}

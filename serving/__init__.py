@@ -30,10 +30,11 @@ Batched LoRA. For a target module with base `y = x Wᵀ`, every token t adds its
 slots, logically `A[S, r_max, d_in]`, `B[S, d_out, r_max]`, ranks zero-padded to `r_max = max_lora_rank`,
 the scale folded into B. Slot 0 stays all zeros: the base model. Base weights are never modified.
 Storage is transposed for row-major GEMMs (`A` as `[d_in, S·P·r_max]`, slot-major, for the P outputs
-sharing an input, e.g. q|k|v; `B` as `[S·r_max, d_out]` per output), because on CPUs `x @ Wᵀ` with
-`Wᵀ` stored `[d_in, d_out]` runs about 1.6x faster than `F.linear` at decode batch sizes; base weights
-are stored the same way (GPT-2's Conv1D already is). On float32 CPUs with MKL, base weights are also
-pre-packed for MKL's SGEMM at the full decode batch (`BaseMatmul`: `max_num_seqs` rows), its most frequent shape.
+sharing an input, e.g. q|k|v; `B` as `[S·r_max, d_out]` per output), because on the serving issue's CPU
+`x @ Wᵀ` with `Wᵀ` stored `[d_in, d_out]` ran about 1.6x faster than `F.linear` at decode batch sizes; base
+weights are stored the same way (GPT-2's Conv1D already is). For the full decode batch (`max_num_seqs`
+rows), the most frequent shape, each float32 CPU base projection uses the fastest of three GEMM kernels on
+this machine, measured at load (`BaseMatmul`: row-major, transposed-B BLAS, or MKL's packed SGEMM).
 The layers' only extra input is the per-token slot index. Once per step it becomes a `LoraBatch` plan:
 tokens in long runs of one slot (a prefill) form segments, each two small GEMMs against that slot's
 A and B (SGMV-like); the remaining tokens (decodes, one per sequence) take a dense path, one GEMM

@@ -13,28 +13,87 @@ import torch.nn.functional as F
 from serving.lora import LoraBatch, add_embedding_lora, lora_kernel
 
 
-class BaseMatmul:
-    """`x Wᵀ + b` for a base weight, with MKL's packed SGEMM at the decode batch size on CPUs.
+DECODE_KERNELS = ("mm", "nt", "packed")  # see `BaseMatmul`
+_KEEP_MM_WITHIN = 0.95  # another kernel must take < 95% of "mm"'s time to replace it: noise must not flip the choice
+_chosen: dict[tuple[int, int, int, int], str] = {}  # (d_in, d_out, rows, threads) -> kernel, measured once per process
 
-    Decode multiplies `rows` (= `max_num_seqs` once the batch is full) tokens by every weight at every
-    step. MKL can pre-pack `Wᵀ` into its kernel's blocked layout once (`cblas_sgemm_pack`, through
-    torch's `mkl::_mkl_linear`, the op Inductor uses for float32 CPU linears); on a [16, 512] x
-    [512, 2752] product it ran ~1.4x faster than `torch.mm` on the row-major `Wᵀ` (1 thread). MKL only
-    promises the packed layout for the M it was packed for, so any other token count (prefills, a
-    partly filled batch) takes `torch.mm` as before. Costs one more copy of the base weights in host
-    memory; used only for float32 on the CPU with MKL, never for the LoRA stacks (rewritten per slot).
+
+class BaseMatmul:
+    """`x Wᵀ + b` for a base weight; at the decode batch size (`rows`) on CPUs, the fastest of three kernels
+    on this machine, measured at load.
+
+    Decode multiplies `rows` (= `max_num_seqs` once the batch is full) tokens by every weight at every step:
+    the one GEMM shape worth choosing a kernel for. The candidates compute the same float32 product:
+
+    - "mm": `torch.mm(x, Wᵀ)` on the row-major `Wᵀ` [d_in, d_out] the engine stores (no extra memory);
+    - "nt": `F.linear(x, W)` on a contiguous `W` [d_out, d_in] (BLAS's transposed-B kernel);
+    - "packed": MKL's pre-packed SGEMM (`cblas_sgemm_pack`, through torch's `mkl::_mkl_linear`, the op
+      Inductor uses for float32 CPU linears); MKL promises the packed layout only for the M it was packed for.
+
+    Which one wins depends on the CPU. Measured on [16, 512] x [512, 2752]: on the serving issue's machine
+    "packed" ran ~1.4x "mm" (1 thread); on an AMD EPYC (2 threads) "packed" was the slowest, and in the whole
+    engine "nt" gave 1.12-1.15x the tokens/s of "packed". So each (shape, rows, threads) is timed once per
+    process (interleaved best-of rounds on random weights, ~40 ms) and "mm" is kept unless another kernel is
+    at least 5% faster. Only the winner's copy of W is kept (none for "mm"). Any other row count (prefills, a
+    partly filled batch) and any other device or dtype takes "mm".
     """
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, rows: int | None):
-        self.weight_t, self.bias = weight_t, bias
-        self.rows, self.packed = rows, None
-        if rows and weight_t.device.type == "cpu" and weight_t.dtype == torch.float32 and torch.backends.mkl.is_available():
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight_t.t().contiguous(), rows)
+        self.weight_t, self.bias, self.rows = weight_t, bias, rows
+        self.kernel, self.w = "mm", None
+        if rows and weight_t.device.type == "cpu" and weight_t.dtype == torch.float32:
+            self.kernel = decode_kernel(*weight_t.shape, rows)
+            if self.kernel == "nt":
+                self.w = weight_t.t().contiguous()
+            elif self.kernel == "packed":
+                self.w = torch.ops.mkl._mkl_reorder_linear_weight(weight_t.t().contiguous(), rows)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] == self.rows:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight_t.t(), self.bias, self.rows)
-        return torch.mm(x, self.weight_t) if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+        if self.w is not None and x.shape[0] == self.rows:
+            return _run(self.kernel, x, self.weight_t, self.w, self.bias, self.rows)
+        return _run("mm", x, self.weight_t, None, self.bias, self.rows)
+
+
+def _run(kernel: str, x: torch.Tensor, weight_t: torch.Tensor, w, bias: torch.Tensor | None, rows) -> torch.Tensor:
+    """`x Wᵀ + b` by `kernel`; `w` is what that kernel reads (`W` for "nt", MKL's packed `W` for "packed")."""
+    if kernel == "nt":
+        return F.linear(x, w, bias)
+    if kernel == "packed":
+        return torch.ops.mkl._mkl_linear(x, w, weight_t.t(), bias, rows)
+    return torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def decode_kernel(d_in: int, d_out: int, rows: int) -> str:
+    """The fastest of `DECODE_KERNELS` for [rows, d_in] x [d_in, d_out] in float32 on this CPU (see `BaseMatmul`)."""
+    key = (d_in, d_out, rows, torch.get_num_threads())
+    if key not in _chosen:
+        _chosen[key] = _measure(d_in, d_out, rows)
+    return _chosen[key]
+
+
+def decode_kernels() -> dict[tuple[int, int, int, int], str]:
+    """What `decode_kernel` chose so far in this process: (d_in, d_out, rows, threads) -> kernel."""
+    return dict(_chosen)
+
+
+def _measure(d_in: int, d_out: int, rows: int, rounds: int = 5, calls: int = 4) -> str:
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight_t = torch.randn(rows, d_in, generator=gen), torch.randn(d_in, d_out, generator=gen)
+    operands = {"mm": None, "nt": weight_t.t().contiguous()}
+    if torch.backends.mkl.is_available():
+        operands["packed"] = torch.ops.mkl._mkl_reorder_linear_weight(weight_t.t().contiguous(), rows)
+    best = dict.fromkeys(operands, float("inf"))
+    for _ in range(rounds):
+        for kernel, w in operands.items():
+            _run(kernel, x, weight_t, w, None, rows)  # warm this kernel's code and caches
+            start = time.perf_counter()
+            for _ in range(calls):
+                _run(kernel, x, weight_t, w, None, rows)
+            best[kernel] = min(best[kernel], time.perf_counter() - start)
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] < _KEEP_MM_WITHIN * best["mm"] else "mm"
 
 
 class Projection:
