@@ -32,9 +32,9 @@ class BaseMatmul:
 
     Which one wins depends on the CPU. Measured on [16, 512] x [512, 2752]: on the serving issue's machine
     "packed" ran ~1.4x "mm" (1 thread); on an AMD EPYC (2 threads) "packed" was the slowest, and in the whole
-    engine "nt" gave 1.12-1.15x the tokens/s of "packed". So each (shape, rows, threads) is timed once per
-    process (interleaved best-of rounds on random weights, ~40 ms) and "mm" is kept unless another kernel is
-    at least 5% faster. Only the winner's copy of W is kept (none for "mm"). Any other row count (prefills, a
+    engine "nt" gave 1.12-1.15x the tokens/s of "packed" and ~1.07x that of "mm". So each (shape, rows, threads)
+    is timed once per process (`_measure`: interleaved best-of rounds over weights read from memory, not cache;
+    ~0.1 s a shape) and "mm" is kept unless another kernel is at least 5% faster. Only the winner's copy of W is kept (none for "mm"). Any other row count (prefills, a
     partly filled batch) and any other device or dtype takes "mm".
     """
 
@@ -76,21 +76,25 @@ def decode_kernels() -> dict[tuple[int, int, int, int], str]:
     return dict(_chosen)
 
 
-def _measure(d_in: int, d_out: int, rows: int, rounds: int = 5, calls: int = 4) -> str:
+def _measure(d_in: int, d_out: int, rows: int, rounds: int = 5, ring_bytes: int = 32 << 20) -> str:
+    """Time each kernel over a ring of distinct random weights of this shape, about `ring_bytes` in all (at most
+    16): in decode every weight is read once per step from beyond the caches, and a kernel timed on one hot weight
+    ranks differently (on the AMD EPYC, "mm" beat "nt" hot and lost to it by ~7% in the engine)."""
     import time
 
     gen = torch.Generator().manual_seed(0)
-    x, weight_t = torch.randn(rows, d_in, generator=gen), torch.randn(d_in, d_out, generator=gen)
-    operands = {"mm": None, "nt": weight_t.t().contiguous()}
+    x = torch.randn(rows, d_in, generator=gen)
+    ring = [torch.randn(d_in, d_out, generator=gen) for _ in range(min(16, max(1, ring_bytes // (4 * d_in * d_out))))]
+    operands = {"mm": [None] * len(ring), "nt": [w_t.t().contiguous() for w_t in ring]}
     if torch.backends.mkl.is_available():
-        operands["packed"] = torch.ops.mkl._mkl_reorder_linear_weight(weight_t.t().contiguous(), rows)
+        operands["packed"] = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in operands["nt"]]
     best = dict.fromkeys(operands, float("inf"))
     for _ in range(rounds):
-        for kernel, w in operands.items():
-            _run(kernel, x, weight_t, w, None, rows)  # warm this kernel's code and caches
+        for kernel, ws in operands.items():
+            _run(kernel, x, ring[0], ws[0], None, rows)  # this kernel's code warm, its weights not
             start = time.perf_counter()
-            for _ in range(calls):
-                _run(kernel, x, weight_t, w, None, rows)
+            for w_t, w in zip(ring, ws):
+                _run(kernel, x, w_t, w, None, rows)
             best[kernel] = min(best[kernel], time.perf_counter() - start)
     fastest = min(best, key=best.get)
     return fastest if best[fastest] < _KEEP_MM_WITHIN * best["mm"] else "mm"
