@@ -33,7 +33,8 @@ def job_object(row: JobRow, tenant_name: str | None = None) -> dict[str, Any]:
         "lora": row.lora, "adapter_id": row.adapter_id,
         "loramill_hyperparameters": {"max_seq_len": hp["max_seq_len"], "grad_accum": hp["grad_accum"],
                                      "packing": hp["packing"], "checkpoint_every": hp["checkpoint_every"],
-                                     "learning_rate": hp.get("learning_rate")},  # set once the multiplier is known
+                                     "learning_rate": hp.get("learning_rate"),  # set once the multiplier is known
+                                     "devices": hp.get("devices", 1), "sharding": hp.get("sharding", "auto")},
     }
 
 

@@ -120,6 +120,8 @@ class LoramillHyperparameters(Response):
     packing: bool
     checkpoint_every: int | None = Field(description="Steps between checkpoints; null: once per epoch")
     learning_rate: Number | None = Field(description="2e-4 x the multiplier, once known")
+    devices: int = Field(description="Processes (GPUs) training together")
+    sharding: Literal["auto", "ddp", "fsdp"] = Field(description='How devices > 1 hold the base; "auto" until chosen')
 
 
 class LoraSettings(Response):

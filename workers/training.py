@@ -168,15 +168,19 @@ def _train(ctx: WorkerContext, lease: Lease) -> None:
 
 
 def _record_chosen(lease: Lease, job: JobRow, cfg) -> None:
-    """What "auto" hyperparameters became, written on the job (what its object shows) with an event saying so."""
-    hp = job.hyperparameters
+    """What "auto" hyperparameters became, written on the job (what its object shows) with an event saying so:
+    epochs, batch size and learning rate from the dataset; the sharding of N > 1 devices from the base's size."""
+    hp, chosen, said = job.hyperparameters, dict(job.hyperparameters), []
     auto = [k for k in ("n_epochs", "batch_size", "learning_rate_multiplier") if hp[k] == "auto"]
-    if not auto:
-        return
-    chosen = {**hp, "n_epochs": cfg.epochs, "batch_size": cfg.batch_size,
-              "learning_rate_multiplier": round(cfg.lr / BASE_LEARNING_RATE, 6), "learning_rate": cfg.lr}
-    said = ", ".join(f"{k}={chosen[k]}" for k in auto)
-    lease.record([lease.event(f"Hyperparameters chosen from the dataset: {said}")], hyperparameters=chosen)
+    if auto:
+        chosen.update({"n_epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                       "learning_rate_multiplier": round(cfg.lr / BASE_LEARNING_RATE, 6), "learning_rate": cfg.lr})
+        said.append("Hyperparameters chosen from the dataset: " + ", ".join(f"{k}={chosen[k]}" for k in auto))
+    if cfg.devices > 1 and hp.get("sharding", "auto") == "auto":
+        chosen["sharding"] = cfg.sharding  # settled by `adapters.distributed.launch` before the ranks started
+        said.append(f"Sharding chosen for {cfg.devices} devices from the base's size: {cfg.sharding}")
+    if said:
+        lease.record([lease.event(message) for message in said], hyperparameters=chosen)
 
 
 def _stop_check(lease: Lease, every_s: float = 1.0):

@@ -77,11 +77,16 @@ def test_a_two_device_job_matches_the_one_device_job_and_records_the_same(make_a
     api = make_api(worker_devices=2)
     ctx = context_for(api.settings)
     one = _post(api, checkpoint_every=1).json()["id"]
-    two = _post(api, checkpoint_every=1, devices=2, sharding=sharding).json()["id"]
+    posted = _post(api, checkpoint_every=1, devices=2, sharding=sharding).json()
+    two = posted["id"]
+    assert {k: posted["loramill_hyperparameters"][k] for k in ("devices", "sharding")} == {"devices": 2, "sharding": sharding}
     assert run_training_job(ctx, one) == "succeeded"
     assert run_training_job(ctx, two) == "succeeded"
     assert [cfg.sharding for cfg in launched] == [sharding]  # the job's choice reaches the ranks' launch
     job = job_row(ctx, two)
+    assert job.hyperparameters["sharding"] == (sharding if sharding != "auto" else "ddp")  # "auto": DDP on the CPU
+    chose = [e.message for e in events(ctx, two) if e.message.startswith("Sharding chosen")]
+    assert chose == (["Sharding chosen for 2 devices from the base's size: ddp"] if sharding == "auto" else [])
     assert job.hyperparameters["devices"] == 2 and job.total_steps == 2 and job.trained_tokens == job_row(ctx, one).trained_tokens
     assert metrics_steps(ctx, two) == [1, 2]
     with ctx.db.sessions() as session:
