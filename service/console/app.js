@@ -369,9 +369,12 @@ function showJob(jobId) {
   const loss = (value) => (typeof value === "number" ? value.toFixed(4) : "—");
   function render() {
     const hp = job.hyperparameters || {};
+    const lm = job.loramill_hyperparameters || {};
+    const devices = lm.devices || 1;
     const rows = [["Status", status(job.status)], ["Base model", job.model], ["Fine-tuned model", job.fine_tuned_model || "—"],
       ["Training file", job.training_file], ["Validation file", job.validation_file || "—"],
       ["Epochs / batch / LR multiplier", `${hp.n_epochs} / ${hp.batch_size} / ${hp.learning_rate_multiplier}`],
+      ...(devices > 1 ? [["Devices", `${devices} (${lm.sharding})`]] : []),
       ["Trained tokens", job.trained_tokens ?? "—"], ["Created", when(job.created_at)],
       ["Estimated finish", job.estimated_finish ? when(job.estimated_finish) : "—"], ["Finished", when(job.finished_at)]];
     if (job.error && job.error.message) rows.push(["Error", el("span", { class: "error" }, job.error.message)]);
