@@ -79,9 +79,11 @@ def decode_kernels() -> dict[tuple[int, int, int, int], str]:
 def _measure(d_in: int, d_out: int, rows: int, rounds: int = 5, ring_bytes: int = 32 << 20) -> str:
     """Time each kernel over a ring of distinct random weights of this shape, about `ring_bytes` in all (at most
     16): in decode every weight is read once per step from beyond the caches, and a kernel timed on one hot weight
-    ranks differently (on the AMD EPYC, "mm" beat "nt" hot and lost to it by ~7% in the engine)."""
+    ranks differently (on the AMD EPYC, "mm" beat "nt" hot and lost to it by ~7% in the engine). A weight above
+    `ring_bytes` is timed on its first `ring_bytes` of columns: what is allocated here stays bounded for any base."""
     import time
 
+    d_out = min(d_out, max(1, ring_bytes // (4 * d_in)))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, d_in, generator=gen)
     ring = [torch.randn(d_in, d_out, generator=gen) for _ in range(min(16, max(1, ring_bytes // (4 * d_in * d_out))))]

@@ -135,6 +135,17 @@ def loramill(env: dict[str, str], *args: str, cwd=None, timeout_s: float = 180) 
     return subprocess.run([*LORAMILL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
 
 
+def start_serve(env: dict[str, str], log_path, *args: str, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`loramill serve` on a free port with `args`, output appended to `log_path`; `(process, url)` once /readyz answers."""
+    port = free_port()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen([*LORAMILL, "serve", "--port", str(port), *args], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/readyz", process, timeout_s=timeout_s)
+    return process, url
+
+
 @contextlib.contextmanager
 def loramill_serve(env: dict[str, str], log_path, timeout_s: float = 180):
     """`loramill serve --port 0` (embedded worker); yields `(url, ready_line)` from the line it prints once ready."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -23,7 +21,7 @@ import torch
 
 from tests.service.conftest import chat_lines
 from tests.service.test_e2e import cli
-from tests.services import free_port, stop, wait_http
+from tests.services import start_serve, stop
 
 pytestmark = pytest.mark.slow
 PROMPT = "Hello world, this is"
@@ -39,12 +37,8 @@ def serve(tmp_path_factory, llama_base):
                 "LORAMILL_MAX_GENERATION_TOKENS": str(MAX_GENERATION_TOKENS)})
     keys = {name: cli(env, "tenant", "create", name) for name in ("alice", "bob")}
     cli(env, "model", "add", "tiny", str(llama_base))
-    port = free_port()
-    log = open(data / "serve.log", "ab")  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port",
-                                str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_http(f"http://127.0.0.1:{port}/readyz", process, timeout_s=120)
-    yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "process": process, "data": data}
+    process, url = start_serve(env, data / "serve.log")
+    yield {"url": url, "keys": keys, "process": process, "data": data}
     stop(process)
 
 

@@ -9,10 +9,7 @@ With no broker, a two-worker serve runs one embedded worker and one engine per b
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
@@ -20,18 +17,10 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from tests.service.test_e2e import cli
-from tests.services import free_port, free_redis_url, postgres_database, release_redis, stop, wait_http
+from tests.services import free_redis_url, postgres_database, release_redis, start_serve, stop
 
 pytestmark = pytest.mark.slow
 TTL_S = 2
-
-
-def serve(env: dict, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port",
-                                str(port), *args], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    wait_http(f"http://127.0.0.1:{port}/readyz", process, timeout_s=120)
-    return process, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +34,8 @@ def replicas(tmp_path_factory):
                     "LORAMILL_RECONCILE_INTERVAL_S": "0"})
         processes = []
         try:
-            processes.append(serve(env, tmp / "two.log", "--workers", "2"))
-            processes.append(serve(env, tmp / "one.log"))
+            processes.append(start_serve(env, tmp / "two.log", "--workers", "2"))
+            processes.append(start_serve(env, tmp / "one.log"))
             yield {"env": env, "serves": processes, "data": tmp / "data"}
         finally:
             for process, _ in processes:
@@ -116,7 +105,7 @@ def test_an_embedded_serve_with_two_workers_starts_one_worker_and_one_engine_per
                 "LORAMILL_ENGINE_DEVICE": "cpu", "LORAMILL_ENGINE_THREADS": "1"})
     key = cli(env, "tenant", "create", "erin")
     cli(env, "model", "add", "tiny", str(llama_base))
-    process, url = serve(env, tmp_path / "serve.log", "--workers", "2")
+    process, url = start_serve(env, tmp_path / "serve.log", "--workers", "2")
     try:
         metrics_dir = next((tmp_path / "data" / "prometheus").glob("serve-*"))
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 2, "ignore_eos": True}  # sampled: EOS may come first

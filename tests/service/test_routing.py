@@ -22,7 +22,7 @@ import pytest
 from service.routing import rendezvous_order
 from tests.service.test_e2e import cli
 from tests.service.test_inference import PROMPT, upload
-from tests.services import free_port, stop, wait_http
+from tests.services import start_serve, stop
 
 pytestmark = pytest.mark.slow
 PROBE_S = 0.5
@@ -49,12 +49,8 @@ def fleet(tmp_path_factory, llama_base):
                 "LORAMILL_ENGINE_PROBE_INTERVAL_S": str(PROBE_S), "LORAMILL_MAX_GENERATION_TOKENS": "64"})
     keys = {"alice": cli(env, "tenant", "create", "alice")}
     cli(env, "model", "add", "tiny", str(llama_base))
-    port = free_port()
-    log = open(data / "serve.log", "ab")  # noqa: SIM115
-    serve = subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port",
-                              str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_http(f"http://127.0.0.1:{port}/readyz", serve, timeout_s=120)
-    fleet = {"url": f"http://127.0.0.1:{port}", "keys": keys, "env": env,
+    serve, url = start_serve(env, data / "serve.log")
+    fleet = {"url": url, "keys": keys, "env": env,
              "engines": {url: process for process, url in engines}}
     yield fleet
     stop(serve)

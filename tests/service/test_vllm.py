@@ -31,7 +31,7 @@ from tests.service.test_inference import (  # noqa: F401 — the control plane's
     test_a_tenant_asks_its_adapter_and_the_base_by_name,
     test_another_tenants_model_is_unknown_and_bad_requests_are_4xx, upload)
 from tests.serving.conftest import make_engine, register, submit, tokens_of
-from tests.services import free_port, stop, wait_http
+from tests.services import free_port, start_serve, stop, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test may build vLLM's environment
 MAX_MODEL_LEN = 256
@@ -83,12 +83,8 @@ def serve(tmp_path_factory, llama_base, vllm_url):
                 "LORAMILL_EMBEDDED_ENGINES": "false", "LORAMILL_MAX_GENERATION_TOKENS": str(MAX_GENERATION_TOKENS)})
     keys = {name: cli(env, "tenant", "create", name) for name in ("alice", "bob")}
     cli(env, "model", "add", "tiny", str(llama_base))
-    port = free_port()
-    with open(data / "serve.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-c", "from loramill.cli import main; main()", "serve", "--port",
-                                    str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_http(f"http://127.0.0.1:{port}/readyz", process, timeout_s=120)
-    yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "process": process, "data": data}
+    process, url = start_serve(env, data / "serve.log")
+    yield {"url": url, "keys": keys, "process": process, "data": data}
     stop(process)
 
 
