@@ -262,7 +262,9 @@ def training_config(ctx: WorkerContext, inputs: _Inputs, attempt: str):
         epochs=_given(hp["n_epochs"]), lr=hp.get("learning_rate"), batch_size=_given(hp["batch_size"]),
         grad_accum=hp["grad_accum"], max_seq_len=hp["max_seq_len"], packing=hp["packing"], seed=job.seed,
         save_every=hp["checkpoint_every"],  # None: once per epoch, as OpenAI checkpoints
-        keep_checkpoints=ctx.settings.keep_checkpoints,
+        # no pruning in the core: `prune_checkpoints` prunes by the job's rows, after recording. N ranks run ahead of
+        # the rows they report (the relay lags), and the core pruning its own directories deleted the checkpoint the
+        # job's row still named as the last one when a worker was killed mid-job (seen in CI).
         max_rank=ctx.settings.max_rank,
         resume_from=str(ctx.artifacts.local_path(inputs.resume.storage_key)) if inputs.resume else None,
         cache_dir=str(ctx.settings.resolved_dataset_cache_dir),
